@@ -1,0 +1,436 @@
+"""Client side: one app connection, from startup packet and authentication to byte forwarding.
+
+Thin asyncio glue over the sans-IO protocol core. Which server a client gets, and when it is
+given back, is decided by `Pool`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import secrets
+import time
+from typing import TYPE_CHECKING, cast
+
+from . import log
+from .protocol import messages as m
+from .protocol.auth import AuthError, ScramServer, verify_md5_response
+from .protocol.errors import (
+    ADMIN_SHUTDOWN,
+    INVALID_CATALOG_NAME,
+    INVALID_PASSWORD,
+    PROTOCOL_VIOLATION,
+    TOO_MANY_CONNECTIONS,
+    ProtocolError,
+)
+from .server import set_nodelay
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .proxy import Proxy
+    from .server import ServerConn
+
+logger = log.get()
+
+_Q = ord("Q")
+_S = ord("S")
+_F = ord("F")
+_X = ord("X")
+# Messages after which the client waits for the server; anything else pending needs a later Sync.
+_SYNC_POINTS = b"QSFXdcf"
+# Startup parameters that are session settings; anything else unknown is passed as a SET too.
+_CANONICAL_NAMES = {
+    "datestyle": "DateStyle",
+    "timezone": "TimeZone",
+    "intervalstyle": "IntervalStyle",
+}
+# Startup keys that are not session settings.
+_NOT_SETTINGS = {"user", "database", "options", "replication"}
+
+
+class ClientState(enum.Enum):
+    STARTUP = "startup"  #: reading the startup packet (maybe after an SSLRequest)
+    AUTH = "auth"  #: exchanging authentication messages
+    LOGIN = "login"  #: authenticated; waiting for the pool's first server to learn its parameters
+    IDLE = "idle"  #: logged in, holding no server
+    WAITING = "waiting"  #: in Pool.waiters, with bytes buffered for the server it waits for
+    SETUP = "setup"  #: a server is assigned and gets this client's settings; bytes still buffered
+    LINKED = "linked"  #: holds a server; bytes flow both ways
+    CLOSED = "closed"  #: gone
+
+
+_BUFFERING = (ClientState.IDLE, ClientState.WAITING, ClientState.SETUP, ClientState.LOGIN)
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """`-c name=value` / `--name=value` settings from the startup `options` parameter."""
+    out: dict[str, str] = {}
+    tokens: list[str] = []
+    cur: list[str] = []
+    escaped = False
+    for ch in options:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch.isspace():
+            if cur:
+                tokens.append("".join(cur))
+                cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        tokens.append("".join(cur))
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "-c" and i + 1 < len(tokens):
+            tok = tokens[i + 1]
+            i += 1
+        elif tok.startswith("-c") or tok.startswith("--"):
+            tok = tok[2:]
+        else:
+            raise ProtocolError(f"invalid command-line argument for server process: {tok}", "42601")
+        name, sep, value = tok.partition("=")
+        if not sep:
+            raise ProtocolError(f"invalid command-line argument for server process: {tok}", "42601")
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def setting_name(name: str) -> str:
+    low = name.lower()
+    return _CANONICAL_NAMES.get(low, low)
+
+
+class ClientConn(asyncio.Protocol):
+    """One app connection to the proxy."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.state = ClientState.STARTUP
+        self.pool: Pool | None = None
+        self.server: ServerConn | None = None
+        self.user = ""
+        self.database = ""
+        self.addr = ""
+        # What this client's session should look like on any server: reported params and SETs.
+        self.params: dict[str, str] = {}
+        self.pid = 0
+        self.secret = 0
+        self.scanner = m.Scanner(b"QSFX")
+        self._startup: m.StartupReader | None = m.StartupReader()
+        self._reader: m.MessageReader | None = None
+        self._scram: ScramServer | None = None
+        self._md5_salt = b""
+        self._sasl_started = False
+        self._user_ok = False
+        self.buffer: list[bytes] = []
+        self.buffered_requests = 0
+        self.buffered_dirty_tail = False
+        self.wait_started = 0.0
+        self.last_active = time.monotonic()
+        self.connected_at = self.last_active
+        self._paused = False
+        self.counted = False
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        set_nodelay(self.transport)
+        peer = transport.get_extra_info("peername")
+        self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.proxy.client_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state is ClientState.LINKED:
+                self._forward(data)
+            elif self.state in _BUFFERING:
+                self._buffer(data)
+            elif self.state is ClientState.STARTUP:
+                self._startup_data(data)
+            elif self.state is ClientState.AUTH:
+                self._auth_data(data)
+        except ProtocolError as exc:
+            self.fail(exc.sqlstate, str(exc), reason=f"protocol violation: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is not ClientState.CLOSED:
+            self._gone("client closed the connection")
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server sends: stop reading the server (bounded memory).
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None:
+            self.server.resume_reading()
+
+    # -- data phase ----------------------------------------------------------------------------
+
+    def _count(self, data: bytes) -> tuple[int, bool]:
+        """(requests that will get a ReadyForQuery, whether the client said Terminate)."""
+        requests = 0
+        terminate = False
+        for typ, _body in self.scanner.feed(data):
+            if typ == _X:
+                terminate = True
+            else:
+                requests += 1
+        return requests, terminate
+
+    def _dirty_tail(self) -> bool:
+        sc = self.scanner
+        return not sc.at_boundary or sc.last_type not in _SYNC_POINTS
+
+    def _forward(self, data: bytes) -> None:
+        requests, terminate = self._count(data)
+        server = self.server
+        assert server is not None
+        if terminate:
+            data = data[: data.rfind(m.TERMINATE_MSG)]
+        if data:
+            server.pending += requests
+            server.dirty_tail = self._dirty_tail()
+            server.write(data)
+        self.last_active = time.monotonic()
+        if terminate:
+            self._gone("client close request")
+
+    def _buffer(self, data: bytes) -> None:
+        requests, terminate = self._count(data)
+        if terminate:
+            data = data[: data.rfind(m.TERMINATE_MSG)]
+        if data:
+            self.buffer.append(data)
+            self.buffered_requests += requests
+            self.buffered_dirty_tail = self._dirty_tail()
+        if terminate:
+            self._gone("client close request")
+            return
+        if self.state is ClientState.IDLE and self.buffer:
+            assert self.pool is not None
+            self.pool.acquire(self)
+
+    def flush_to(self, server: ServerConn) -> None:
+        """Linked to `server`: send what was buffered while waiting, then forward directly."""
+        self.server = server
+        self.state = ClientState.LINKED
+        if self.buffer:
+            data = b"".join(self.buffer)
+            self.buffer.clear()
+            server.pending += self.buffered_requests
+            server.dirty_tail = self.buffered_dirty_tail
+            self.buffered_requests = 0
+            server.write(data)
+        if self._paused:
+            self.resume_reading()
+
+    def unlink(self) -> None:
+        """The server went back to the pool; the client holds none until its next request."""
+        self.server = None
+        self.last_active = time.monotonic()
+        if self.state is ClientState.LINKED:
+            self.state = ClientState.IDLE
+        if self._paused:
+            self.resume_reading()
+
+    def transport_write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._paused and not self.transport.is_closing():
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._paused and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+
+    # -- startup and authentication --------------------------------------------------------------
+
+    def _startup_data(self, data: bytes) -> None:
+        assert self._startup is not None
+        event, rest = self._startup.feed(data)
+        if event is None:
+            return
+        if isinstance(event, m.SSLRequest | m.GSSENCRequest):
+            # TLS to a loopback or Unix socket peer buys nothing; libpq then continues in clear.
+            self.transport_write(b"N")
+            if rest:
+                self._startup_data(rest)
+            return
+        if isinstance(event, m.CancelRequest):
+            self.proxy.cancel(event.pid, event.secret)
+            self.close("cancel request handled", log_it=False)
+            return
+        self._startup = None
+        self._login_start(event.params)
+        if rest and self.state is ClientState.AUTH:
+            self._auth_data(rest)
+
+    def _login_start(self, params: dict[str, str]) -> None:
+        self.user = params["user"]
+        self.database = params.get("database") or self.user
+        if self.proxy.shutting_down:
+            self.fail(
+                ADMIN_SHUTDOWN, "the database system is shutting down", reason="shutting down"
+            )
+            return
+        if not self.proxy.admit(self):
+            self.fail(
+                TOO_MANY_CONNECTIONS,
+                "no more connections allowed (max_client_conn)",
+                reason="max_client_conn reached",
+            )
+            return
+        pool = self.proxy.pools.get(self.database)
+        if pool is None:
+            self.fail(
+                INVALID_CATALOG_NAME,
+                f'database "{self.database}" does not exist',
+                reason="unknown database",
+            )
+            return
+        self.pool = pool
+        settings: dict[str, str] = {}
+        for key, value in params.items():
+            if key == "options":
+                settings.update(parse_options(value))
+            elif key not in _NOT_SETTINGS and not key.startswith("_pq_."):
+                settings[key] = value
+        self.params = {setting_name(k): v for k, v in settings.items()}
+        up = pool.config.upstream
+        # Unknown users still go through the whole exchange, so the reply tells nothing.
+        self._user_ok = self.user == up.user
+        self._reader = m.MessageReader(max_length=10_000)
+        self.state = ClientState.AUTH
+        if self.proxy.settings.auth_type == "md5":
+            self._md5_salt = secrets.token_bytes(4)
+            self.transport_write(m.auth_md5(self._md5_salt))
+        else:
+            self._scram = ScramServer(pool.scram_secret)
+            self.transport_write(m.auth_sasl(["SCRAM-SHA-256"]))
+
+    def _auth_data(self, data: bytes) -> None:
+        reader = self._reader
+        assert reader is not None and self.pool is not None
+        reader.feed(data)
+        while self.state is ClientState.AUTH:
+            msg = reader.next()
+            if msg is None:
+                return
+            typ, body = msg
+            if typ != m.PASSWORD_MESSAGE:
+                raise ProtocolError(f"expected password response, got message type {chr(typ)!r}")
+            self._auth_step(body)
+        if self.state is ClientState.LOGIN:
+            rest = reader.take_rest()
+            self._reader = None
+            if rest:
+                self._buffer(rest)
+
+    def _auth_step(self, body: bytes) -> None:
+        assert self.pool is not None
+        up = self.pool.config.upstream
+        scram = self._scram
+        try:
+            if scram is None:
+                ok = verify_md5_response(up.user, up.password, self._md5_salt, body)
+                if not (ok and self._user_ok):
+                    raise AuthError("md5 mismatch")
+                self._authenticated()
+            elif not self._sasl_started:
+                self._sasl_started = True
+                mechanism, first = m.parse_sasl_initial_response(body)
+                if mechanism != "SCRAM-SHA-256":
+                    raise AuthError("unsupported SASL mechanism")
+                self.transport_write(
+                    m.auth_request(m.AUTH_SASL_CONTINUE, scram.handle_client_first(first))
+                )
+            else:
+                final = scram.handle_client_final(body)
+                if not self._user_ok:
+                    raise AuthError("unknown user")
+                self.transport_write(m.auth_request(m.AUTH_SASL_FINAL, final))
+                self._authenticated()
+        except (AuthError, ProtocolError):
+            self.proxy.auth_failed(self)
+            self.fail(
+                INVALID_PASSWORD,
+                f'password authentication failed for user "{self.user}"',
+                reason="password authentication failed",
+            )
+
+    def _authenticated(self) -> None:
+        assert self.pool is not None
+        self.transport_write(m.AUTH_OK_MSG)
+        self._scram = None
+        self.pid, self.secret = self.proxy.register_key(self)
+        self.state = ClientState.LOGIN
+        self.pool.login(self)
+
+    def finish_login(self) -> None:
+        """The pool knows its servers' parameters: tell the client and let it send queries."""
+        assert self.pool is not None
+        if self.state is not ClientState.LOGIN:
+            return
+        wanted = self.pool.canonical(self.params)
+        self.params = wanted
+        shown = dict(self.pool.defaults)
+        shown.update((k, v) for k, v in wanted.items() if k in shown)
+        out = [m.parameter_status(k, v) for k, v in shown.items()]
+        out.append(m.backend_key_data(self.pid, self.secret))
+        out.append(m.ready_for_query())
+        self.transport_write(b"".join(out))
+        self.state = ClientState.IDLE
+        if self.proxy.settings.log_connections:
+            logger.info(
+                "login", pool=self.pool.name, user=self.user, addr=self.addr, client_pid=self.pid
+            )
+        if self.buffer:
+            self.pool.acquire(self)
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def fail(self, sqlstate: str, text: str, *, reason: str) -> None:
+        """Send a FATAL error and close; the reason goes to the log."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(m.fatal(sqlstate, text))
+        self.close(reason)
+
+    def close(self, reason: str, *, log_it: bool = True) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.state is not ClientState.CLOSED:
+            self._gone(reason, log_it=log_it)
+
+    def _gone(self, reason: str, *, log_it: bool = True) -> None:
+        state = self.state
+        self.state = ClientState.CLOSED
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        if self.pool is not None:
+            self.pool.client_gone(self, state, reason)
+        self.proxy.client_disconnected(self)
+        if log_it and self.proxy.settings.log_disconnections and state is not ClientState.STARTUP:
+            logger.info(
+                "disconnect",
+                pool=self.pool.name if self.pool else None,
+                user=self.user or None,
+                addr=self.addr,
+                reason=reason,
+                duration_s=round(time.monotonic() - self.connected_at, 3),
+            )
+
+    def protocol_violation(self, text: str) -> None:
+        self.fail(PROTOCOL_VIOLATION, text, reason=f"protocol violation: {text}")

@@ -1,0 +1,293 @@
+"""Configuration: `SIDECAR_*` env vars (with `PGBOUNCER_*` fallbacks) and upstream URLs, validated once.
+
+Everything the proxy reads from its environment goes through here, so a bad value is one clear
+error at start naming the variable, never a surprise later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or invalid; the message names it."""
+
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+POOL_MODES = ("transaction", "session")
+AUTH_TYPES = ("scram-sha-256", "md5")
+
+# URL query parameters that configure the connection itself, not the server session.
+_LIBPQ_CONNECTION_KEYS = {
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "sslpassword",
+    "sslcompression",
+    "sslsni",
+    "connect_timeout",
+    "target_session_attrs",
+    "gssencmode",
+    "krbsrvname",
+    "channel_binding",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "requirepeer",
+    "passfile",
+    "host",
+    "hostaddr",
+    "port",
+    "service",
+    "load_balance_hosts",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where one pool's server connections go, parsed from a postgres:// URL."""
+
+    host: str
+    port: int
+    user: str
+    password: str = field(repr=False)
+    dbname: str
+    sslmode: str | None = None  # from the URL; None means "use SIDECAR_SERVER_TLS_SSLMODE"
+    sslrootcert: str | None = None
+    params: dict[str, str] = field(default_factory=dict)  # startup params for the server
+
+    def redacted(self) -> str:
+        """The URL without its password, for log lines."""
+        return f"postgres://{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+
+def parse_url(url: str, what: str = "URL") -> Upstream:
+    """Parse postgres:// or postgresql:// URLs; `what` names the source in errors."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port or 5432
+    except ValueError as exc:
+        raise ConfigError(f"{what} is not a valid postgres:// URL ({exc})") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"{what} is not a postgres:// URL")
+    host = parts.hostname or ""
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    host = host or query.get("host", "")
+    if not host:
+        raise ConfigError(f"{what} has no host")
+    user = unquote(parts.username or "")
+    if not user:
+        raise ConfigError(f"{what} has no user")
+    password = unquote(parts.password or "")
+    dbname = unquote(parts.path.lstrip("/")) or user
+    sslmode = query.get("sslmode")
+    if sslmode is not None and sslmode not in SSLMODES:
+        raise ConfigError(f"{what} has an invalid sslmode {sslmode!r}")
+    params = {k: v for k, v in query.items() if k not in _LIBPQ_CONNECTION_KEYS}
+    return Upstream(
+        host=host,
+        port=port,
+        user=user,
+        password=password,
+        dbname=dbname,
+        sslmode=sslmode,
+        sslrootcert=query.get("sslrootcert"),
+        params=params,
+    )
+
+
+def pool_name_for_var(var: str) -> str:
+    """DATABASE_URL -> database, HEROKU_POSTGRESQL_COBALT_URL -> heroku_postgresql_cobalt."""
+    name = var.lower()
+    return name[: -len("_url")] if name.endswith("_url") else name
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """One pool: the database name clients use, and its upstream."""
+
+    name: str
+    upstream: Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob, with PgBouncer's defaults unless the README argues otherwise."""
+
+    port: int = 6000
+    listen_addr: str = "127.0.0.1"
+    socket_dir: str = "/tmp"
+    pool_mode: str = "transaction"
+    default_pool_size: int = 20
+    min_pool_size: int = 0
+    reserve_pool_size: int = 0
+    reserve_pool_timeout: float = 5.0
+    max_client_conn: int = 1000
+    query_wait_timeout: float = 120.0
+    server_connect_timeout: float = 15.0
+    server_lifetime: float = 3600.0
+    server_idle_timeout: float = 600.0
+    idle_transaction_timeout: float = 0.0
+    client_idle_timeout: float = 0.0
+    server_tls_sslmode: str = "require"
+    server_tls_ca_file: str = ""
+    auth_type: str = "scram-sha-256"
+    stats_period: float = 60.0
+    log_connections: bool = True
+    log_disconnections: bool = True
+    max_prepared_statements: int = 200
+    shutdown_timeout: float = 25.0
+    urls: str = "DATABASE_URL"
+    enabled: bool = True
+
+
+# Settings that PgBouncer's Heroku buildpack users already set under PGBOUNCER_*.
+PGBOUNCER_FALLBACKS = frozenset(
+    {
+        "urls",
+        "pool_mode",
+        "default_pool_size",
+        "min_pool_size",
+        "reserve_pool_size",
+        "reserve_pool_timeout",
+        "max_client_conn",
+        "query_wait_timeout",
+        "server_lifetime",
+        "server_idle_timeout",
+        "server_tls_sslmode",
+        "stats_period",
+        "max_prepared_statements",
+        "enabled",
+        "log_connections",
+        "log_disconnections",
+    }
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(name: str, raw: str, kind: object) -> object:
+    value = raw.strip()
+    if kind in (int, "int"):
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if number < 0:
+            raise ConfigError(f"{name} must not be negative, got {raw!r}")
+        return number
+    if kind in (float, "float"):
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if seconds < 0 or seconds != seconds:
+            raise ConfigError(f"{name} must not be negative, got {raw!r}")
+        return seconds
+    if kind in (bool, "bool"):
+        low = value.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+    return value
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Settings, list[str]]:
+    """Settings from the environment, and the PGBOUNCER_* names that were used as fallbacks."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    fallbacks: list[str] = []
+    for f in dataclasses.fields(Settings):
+        key = f"SIDECAR_{f.name.upper()}"
+        raw = env.get(key)
+        source = key
+        if raw is None and f.name in PGBOUNCER_FALLBACKS:
+            pg_key = f"PGBOUNCER_{f.name.upper()}"
+            raw = env.get(pg_key)
+            if raw is not None:
+                fallbacks.append(pg_key)
+                source = pg_key
+        if raw is None:
+            continue
+        values[f.name] = _convert(source, raw, f.type)
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _validate(settings)
+    return settings, fallbacks
+
+
+def _validate(s: Settings) -> None:
+    if s.pool_mode not in POOL_MODES:
+        raise ConfigError(f"SIDECAR_POOL_MODE must be transaction or session, got {s.pool_mode!r}")
+    if s.server_tls_sslmode not in SSLMODES:
+        raise ConfigError(
+            f"SIDECAR_SERVER_TLS_SSLMODE must be one of {', '.join(SSLMODES)}, "
+            f"got {s.server_tls_sslmode!r}"
+        )
+    if s.auth_type not in AUTH_TYPES:
+        raise ConfigError(f"SIDECAR_AUTH_TYPE must be scram-sha-256 or md5, got {s.auth_type!r}")
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"SIDECAR_PORT must be a TCP port, got {s.port}")
+    if s.default_pool_size < 1:
+        raise ConfigError("SIDECAR_DEFAULT_POOL_SIZE must be at least 1")
+    if s.min_pool_size > s.default_pool_size:
+        raise ConfigError("SIDECAR_MIN_POOL_SIZE must not exceed SIDECAR_DEFAULT_POOL_SIZE")
+    if s.max_client_conn < 1:
+        raise ConfigError("SIDECAR_MAX_CLIENT_CONN must be at least 1")
+    if s.server_tls_sslmode.startswith("verify") and s.server_tls_ca_file:
+        if not os.path.isfile(s.server_tls_ca_file):
+            raise ConfigError(f"SIDECAR_SERVER_TLS_CA_FILE {s.server_tls_ca_file!r} is not a file")
+
+
+def pools_from_args(args: list[str]) -> list[PoolConfig]:
+    """`NAME=URL` arguments (or a bare URL, named after its database)."""
+    pools: list[PoolConfig] = []
+    for arg in args:
+        name, sep, url = arg.partition("=")
+        if not sep or "://" in name:
+            upstream = parse_url(arg, "argument")
+            name = upstream.dbname
+        else:
+            upstream = parse_url(url, f"argument {name}")
+        pools.append(PoolConfig(name=name, upstream=upstream))
+    _check_unique(pools)
+    return pools
+
+
+def pools_from_env(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> list[PoolConfig]:
+    """One pool per config var named in SIDECAR_URLS."""
+    env = os.environ if environ is None else environ
+    pools: list[PoolConfig] = []
+    for var in settings.urls.split():
+        url = env.get(var, "")
+        if not url.strip():
+            raise ConfigError(f"{var} is not set (named in SIDECAR_URLS)")
+        pools.append(PoolConfig(name=pool_name_for_var(var), upstream=parse_url(url, var)))
+    if not pools:
+        raise ConfigError("SIDECAR_URLS names no config vars")
+    _check_unique(pools)
+    return pools
+
+
+def _check_unique(pools: list[PoolConfig]) -> None:
+    seen: set[str] = set()
+    for p in pools:
+        if p.name in seen:
+            raise ConfigError(f"two pools are named {p.name!r}")
+        if p.name in ("sidecar", "pgbouncer"):
+            raise ConfigError(f"pool name {p.name!r} is reserved for the admin console")
+        seen.add(p.name)

@@ -1,0 +1,485 @@
+"""Server connection pools: the wait queue, and the ONE place a server moves between lists.
+
+A pool serves one (database name, user) from one upstream. Server states (see ServerState):
+connecting (counted), idle (a LIFO stack, so hot connections stay hot and extras time out),
+active (linked to a client), closed. `_move` is the only code that changes a server's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from . import log
+from .client import ClientConn, ClientState
+from .config import PoolConfig, Settings
+from .protocol import messages as m
+from .protocol.auth import ScramSecret
+from .protocol.errors import (
+    CONNECTION_FAILURE,
+    IDLE_IN_TRANSACTION_TIMEOUT,
+    IDLE_SESSION_TIMEOUT,
+    SQLCLIENT_UNABLE_TO_ESTABLISH,
+    TOO_MANY_CONNECTIONS,
+)
+from .server import ServerConn, ServerError, ServerState, make_ssl_context, open_server
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
+
+logger = log.get()
+
+_I = ord("I")
+_T = ord("T")
+_E = ord("E")
+
+# Parameters PostgreSQL reports that a session can change; kept equal for a client on any server.
+TRACKED = (
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "application_name",
+)
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Pool:
+    """Servers for one pool name, and the clients waiting for them."""
+
+    def __init__(self, proxy: Proxy, config: PoolConfig, settings: Settings) -> None:
+        self.proxy = proxy
+        self.config = config
+        self.name = config.name
+        self.settings = settings
+        up = config.upstream
+        self.sslmode = up.sslmode or settings.server_tls_sslmode
+        self.ssl_context = make_ssl_context(
+            self.sslmode, up.sslrootcert or settings.server_tls_ca_file or None
+        )
+        self.server_hostname = up.host
+        self.transaction_mode = settings.pool_mode == "transaction"
+        # PBKDF2 once per pool: a login storm then costs HMACs only.
+        self.scram_secret = ScramSecret.from_password(up.password)
+        self.idle: list[ServerConn] = []
+        self.active: set[ServerConn] = set()
+        self.connecting = 0
+        self.waiters: deque[ClientConn] = deque()
+        self.logins: list[ClientConn] = []
+        # Parameters a fresh server reports; None until the first server has connected.
+        self.defaults: dict[str, str] | None = None
+        # (setting, value as a client wrote it) -> value as the server reports it.
+        self._canon: dict[tuple[str, str], str] = {}
+        self.last_error: ServerError | None = None
+        self._backoff = 0.0
+        self._next_connect = 0.0
+        self.paused = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # -- counts ------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    def _limit(self, now: float) -> int:
+        limit = self.settings.default_pool_size
+        if (
+            self.settings.reserve_pool_size
+            and self.waiters
+            and now - self.waiters[0].wait_started >= self.settings.reserve_pool_timeout
+        ):
+            limit += self.settings.reserve_pool_size
+        return limit
+
+    # -- the one state mover -------------------------------------------------------------------
+
+    def _move(self, server: ServerConn, new: ServerState) -> None:
+        old = server.state
+        if old is new:
+            return
+        if old is ServerState.CONNECTING:
+            self.connecting -= 1
+        elif old is ServerState.IDLE:
+            if self.idle[-1] is server:
+                self.idle.pop()
+            else:
+                self.idle.remove(server)
+        elif old is ServerState.ACTIVE:
+            self.active.discard(server)
+        elif old is ServerState.CLOSED:
+            raise AssertionError("a closed server never comes back")
+        server.state = new
+        if new is ServerState.IDLE:
+            server.last_used = time.monotonic()
+            self.idle.append(server)
+        elif new is ServerState.ACTIVE:
+            self.active.add(server)
+        elif new is ServerState.CONNECTING:
+            self.connecting += 1
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def login(self, client: ClientConn) -> None:
+        """An authenticated client needs the servers' parameters before its ReadyForQuery."""
+        if self.defaults is not None:
+            client.finish_login()
+            return
+        client.wait_started = time.monotonic()
+        self.logins.append(client)
+        self._fill(force=1)
+
+    def acquire(self, client: ClientConn) -> None:
+        """The client has bytes for a server: link one now, or queue the client."""
+        if self.idle and not self.paused and not self.waiters:
+            self._link(client, self.idle[-1])
+            return
+        client.state = ClientState.WAITING
+        client.wait_started = time.monotonic()
+        self.waiters.append(client)
+        self._fill()
+
+    def canonical(self, params: dict[str, str]) -> dict[str, str]:
+        return {k: self._canon.get((k, v), v) for k, v in params.items()}
+
+    def client_gone(self, client: ClientConn, state: ClientState, reason: str) -> None:
+        """A client disconnected (or was closed) while in `state`."""
+        if state is ClientState.WAITING:
+            try:
+                self.waiters.remove(client)
+            except ValueError:
+                pass
+        elif state is ClientState.LOGIN:
+            if client in self.logins:
+                self.logins.remove(client)
+        elif state is ClientState.SETUP:
+            return  # _sync_then_flush sees the client is gone and frees the server
+        server = client.server
+        if server is None or server.client is not client:
+            return
+        client.server = None
+        server.client = None
+        if server.state is not ServerState.ACTIVE:
+            return
+        clean = not server.pending and not server.dirty_tail and server.scanner.at_boundary
+        if clean and server.tx_status == _I and self.transaction_mode:
+            self._release(server)
+        elif clean and server.tx_status in (_I, _T, _E):
+            # Idle in a transaction (or session mode): wipe it and reuse rather than reconnect.
+            sql = "ROLLBACK; DISCARD ALL" if not self.transaction_mode else "ROLLBACK"
+            self._spawn(self._reset(server, sql))
+        else:
+            self.close_server(server, f"client disconnected mid-query ({reason})")
+
+    async def _reset(self, server: ServerConn, sql: str) -> None:
+        try:
+            error = await server.query_internal(sql)
+        except ServerError:
+            return  # connection_lost already moved it
+        if error is not None or server.tx_status != _I:
+            self.close_server(server, "reset query failed")
+        elif server.state is ServerState.ACTIVE:
+            if not self.transaction_mode:
+                # DISCARD ALL resets every setting: the server is like a fresh one again.
+                server.params = {k: v for k, v in server.params.items() if k not in TRACKED}
+                server.params.update(self.defaults or {})
+            self._release(server)
+
+    # -- servers -------------------------------------------------------------------------------
+
+    def transaction_done(self, server: ServerConn) -> None:
+        """ReadyForQuery `I` with nothing outstanding (transaction mode): free the server."""
+        client = server.client
+        server.client = None
+        if client is not None:
+            client.unlink()
+        self._release(server)
+
+    def _release(self, server: ServerConn) -> None:
+        """Back to idle, or straight to the next waiter; retire it if its time is over."""
+        now = time.monotonic()
+        if now >= server.expires_at:
+            self.close_server(server, "server lifetime over")
+            self._fill()
+            return
+        if self.waiters and not self.paused:
+            self._link(self.waiters.popleft(), server)
+            return
+        self._move(server, ServerState.IDLE)
+
+    def _link(self, client: ClientConn, server: ServerConn) -> None:
+        self._move(server, ServerState.ACTIVE)
+        server.client = client
+        server.linked_at = time.monotonic()
+        client.server = server
+        sql = self._sync_sql(client.params, server.params)
+        if sql is None:
+            client.flush_to(server)
+        else:
+            # Client bytes stay buffered until the server's settings are the client's.
+            client.state = ClientState.SETUP
+            self._spawn(self._sync_then_flush(client, server, sql))
+
+    def _sync_sql(self, want: dict[str, str], have: dict[str, str]) -> str | None:
+        """SQL that makes the server's session settings the client's, or None if equal."""
+        defaults = self.defaults or {}
+        sets: list[str] = []
+        resets: list[str] = []
+        for key in {*want, *have}:
+            default = defaults.get(key)
+            target = want.get(key, default)
+            current = have.get(key, default)
+            if target == current or (key not in defaults and key not in want and current is None):
+                continue
+            if target is None:
+                resets.append(f"RESET {_ident(key)}")
+            else:
+                sets.append(f"pg_catalog.set_config({_literal(key)}, {_literal(target)}, false)")
+        if not sets and not resets:
+            return None
+        parts = ([f"SELECT {', '.join(sets)}"] if sets else []) + resets
+        return "; ".join(parts)
+
+    async def _sync_then_flush(self, client: ClientConn, server: ServerConn, sql: str) -> None:
+        try:
+            error = await server.query_internal(sql)
+        except ServerError:
+            return  # connection_lost already moved it and told the client
+        if server.state is not ServerState.ACTIVE:
+            return
+        if client.state is ClientState.CLOSED:
+            server.client = None
+            self._release(server)
+            return
+        defaults = self.defaults or {}
+        for key in list(client.params):
+            if key not in defaults:
+                server.params[key] = client.params[key]
+        for key in list(server.params):
+            if key not in defaults and key not in client.params:
+                del server.params[key]
+        if error is not None:
+            # The client's own startup setting is invalid: PostgreSQL would refuse the login.
+            server.client = None
+            client.server = None
+            self._release(server) if server.tx_status == _I else self.close_server(
+                server, "settings failed"
+            )
+            client.fail(
+                error.get("C", "22023"),
+                error.get("M", "invalid setting"),
+                reason="invalid session setting",
+            )
+            return
+        # Learn how the server spells what the client asked for, so the next link needs no SET.
+        for key, value in list(client.params.items()):
+            if key in defaults and key in server.params:
+                self._canon[(key, value)] = server.params[key]
+                client.params[key] = server.params[key]
+        client.flush_to(server)
+
+    def close_server(self, server: ServerConn, reason: str) -> None:
+        if server.state is ServerState.CLOSED:
+            return
+        self._move(server, ServerState.CLOSED)
+        server.close_reason = reason
+        client = server.client
+        server.client = None
+        server.close_transport()
+        logger.info(
+            "server_close",
+            pool=self.name,
+            server=f"{server.host}:{server.port}",
+            backend_pid=server.pid,
+            reason=reason,
+        )
+        if client is not None:
+            client.server = None
+            client.fail(
+                CONNECTION_FAILURE,
+                f"server connection closed: {reason}",
+                reason=f"server closed: {reason}",
+            )
+
+    def server_lost(self, server: ServerConn, reason: str) -> None:
+        """The server's transport closed under us (crash, terminate, network)."""
+        if server.state is ServerState.CLOSED:
+            return
+        client = server.client
+        server.client = None
+        self._move(server, ServerState.CLOSED)
+        server.close_reason = reason
+        logger.warning(
+            "server_lost",
+            pool=self.name,
+            server=f"{server.host}:{server.port}",
+            backend_pid=server.pid,
+            reason=reason,
+        )
+        if client is not None:
+            client.server = None
+            if server.fatal_seen:
+                client.close(f"server closed: {reason}")
+            else:
+                client.fail(
+                    CONNECTION_FAILURE,
+                    "server conn crashed? the server closed the connection unexpectedly",
+                    reason=f"server closed: {reason}",
+                )
+        self._fill()
+
+    def _fill(self, force: int = 0) -> None:
+        """Open servers for waiting clients (and min_pool_size), within the pool's limit."""
+        now = time.monotonic()
+        if now < self._next_connect or (self.proxy.shutting_down and not self.waiters):
+            return
+        want = max(len(self.waiters) + len(self.logins) - self.connecting, force - self.connecting)
+        want = max(want, self.settings.min_pool_size - self.size)
+        room = self._limit(now) - self.size
+        for _ in range(min(want, room)):
+            # Counted now, not when the task starts, so a second _fill in this tick sees it.
+            self.connecting += 1
+            self._spawn(self._connect())
+
+    async def _connect(self) -> None:
+        up = self.config.upstream
+        try:
+            server = await open_server(self, up.host, up.port, self.server_hostname)
+        except ServerError as exc:
+            self.connecting -= 1
+            self._connect_failed(exc)
+            return
+        except Exception as exc:  # a bug, but the pool must stay consistent
+            self.connecting -= 1
+            logger.exception("server_connect_bug", pool=self.name)
+            self._connect_failed(
+                ServerError(SQLCLIENT_UNABLE_TO_ESTABLISH, str(exc), retryable=True)
+            )
+            return
+        # Counted by `connecting` while opening (state CONNECTING); from here _move keeps the books.
+        self._backoff = 0.0
+        self.last_error = None
+        if self.defaults is None:
+            self.defaults = {k: v for k, v in server.params.items()}
+        if self.settings.log_connections:
+            logger.info(
+                "server_connect",
+                pool=self.name,
+                server=f"{server.host}:{server.port}",
+                backend_pid=server.pid,
+                tls=server.tls,
+            )
+        if self.logins:
+            logins, self.logins = self.logins, []
+            for client in logins:
+                client.finish_login()
+        self._release(server)
+
+    def _connect_failed(self, exc: ServerError) -> None:
+        self.last_error = exc
+        logger.warning(
+            "server_connect_failed",
+            pool=self.name,
+            sqlstate=exc.sqlstate,
+            error=str(exc),
+            retryable=exc.retryable,
+        )
+        if not exc.retryable:
+            # Configuration is wrong (auth, TLS): waiting will not help anyone.
+            for client in [*self.logins, *self.waiters]:
+                client.fail(exc.sqlstate, str(exc), reason="server login failed")
+            self.logins.clear()
+            self.waiters.clear()
+        self._backoff = min(max(self._backoff * 2, 0.25), 15.0)
+        self._next_connect = time.monotonic() + self._backoff * (0.5 + random.random() / 2)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- janitor -------------------------------------------------------------------------------
+
+    def maintain(self, now: float) -> None:
+        """Periodic work: timeouts, lifetimes, min pool size, retries."""
+        s = self.settings
+        for client in [*self.waiters, *self.logins]:
+            if s.query_wait_timeout and now - client.wait_started >= s.query_wait_timeout:
+                if self.last_error is not None and self.size == 0:
+                    client.fail(
+                        SQLCLIENT_UNABLE_TO_ESTABLISH,
+                        f"no server available: {self.last_error}",
+                        reason="query_wait_timeout, servers down",
+                    )
+                else:
+                    client.fail(
+                        TOO_MANY_CONNECTIONS,
+                        "query_wait_timeout: no server connection became free",
+                        reason="query_wait_timeout",
+                    )
+        keep = s.min_pool_size
+        for server in list(self.idle):
+            if now >= server.expires_at:
+                self.close_server(server, "server lifetime over")
+            elif (
+                s.server_idle_timeout
+                and now - server.last_used >= s.server_idle_timeout
+                and self.size > keep
+            ):
+                self.close_server(server, "server idle timeout")
+        if s.idle_transaction_timeout or s.client_idle_timeout:
+            for server in list(self.active):
+                client = server.client
+                if (
+                    client is not None
+                    and s.idle_transaction_timeout
+                    and not server.pending
+                    and server.tx_status != _I
+                    and now - client.last_active >= s.idle_transaction_timeout
+                ):
+                    client.fail(
+                        IDLE_IN_TRANSACTION_TIMEOUT,
+                        "terminating connection due to idle-in-transaction timeout",
+                        reason="idle_transaction_timeout",
+                    )
+        if s.client_idle_timeout:
+            for client in self.proxy.clients_of(self):
+                if (
+                    client.state is ClientState.IDLE
+                    and now - client.last_active >= s.client_idle_timeout
+                ):
+                    client.fail(
+                        IDLE_SESSION_TIMEOUT,
+                        "terminating connection due to client_idle_timeout",
+                        reason="client_idle_timeout",
+                    )
+        self._fill()
+
+    def close_all(self, reason: str) -> None:
+        for server in [*self.idle, *self.active]:
+            self.close_server(server, reason)
+
+    def close_idle(self, reason: str) -> None:
+        for server in list(self.idle):
+            self.close_server(server, reason)
+
+    def resume(self) -> None:
+        self.paused = False
+        while self.waiters and self.idle:
+            self._link(self.waiters.popleft(), self.idle[-1])
+        self._fill()
+
+
+__all__ = ["TRACKED", "Pool", "m"]

@@ -1,0 +1,1 @@
+"""Sans-IO PostgreSQL wire protocol: bytes in, events and bytes out. No asyncio, no sockets."""

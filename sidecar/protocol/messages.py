@@ -1,0 +1,426 @@
+"""Framing and building of PostgreSQL v3 wire messages: incremental readers, builders, parsers.
+
+Everything here is bytes in, values or bytes out. The fast path uses `Scanner`, which walks
+message headers in place and copies only the bodies the proxy must look at.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import PROTOCOL_VIOLATION, ProtocolError
+
+PROTOCOL_V3 = 196608  # 3 << 16
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+# PostgreSQL refuses startup packets above this (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_LENGTH = 10_000
+# Largest message PostgreSQL itself accepts (MaxAllocSize); anything above is garbage.
+MAX_MESSAGE_LENGTH = 0x3FFF_FFFF
+
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!ci")
+_unpack_i32 = _I32.unpack_from
+_pack_i32 = _I32.pack
+
+# Message type bytes, as ints (what indexing bytes gives).
+AUTHENTICATION = ord("R")
+BACKEND_KEY_DATA = ord("K")
+PARAMETER_STATUS = ord("S")
+READY_FOR_QUERY = ord("Z")
+ERROR_RESPONSE = ord("E")
+NOTICE_RESPONSE = ord("N")
+QUERY = ord("Q")
+SYNC = ord("S")
+FUNCTION_CALL = ord("F")
+TERMINATE = ord("X")
+PASSWORD_MESSAGE = ord("p")
+
+# Authentication request codes (the int32 after an 'R').
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+
+# ---------------------------------------------------------------------------
+# Startup phase (untyped packets)
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    """The client asks for TLS before its startup packet."""
+
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequest:
+    """The client asks for GSSAPI encryption before its startup packet."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """A new connection carrying a cancel key instead of a startup packet."""
+
+    pid: int
+    secret: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    """Protocol 3.0 startup packet: user, database and session parameters."""
+
+    params: dict[str, str]
+
+
+StartupEvent = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
+
+
+class StartupReader:
+    """Incremental reader of the untyped packets a client sends before authentication."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> tuple[StartupEvent | None, bytes]:
+        """Add bytes; return (event or None if incomplete, bytes left over after the packet)."""
+        self._buf += data
+        if len(self._buf) < 4:
+            return None, b""
+        (length,) = _unpack_i32(self._buf, 0)
+        if length < 8 or length > MAX_STARTUP_LENGTH:
+            raise ProtocolError("invalid length of startup packet")
+        if len(self._buf) < length:
+            return None, b""
+        packet = bytes(self._buf[:length])
+        rest = bytes(self._buf[length:])
+        self._buf.clear()
+        return parse_startup_packet(packet), rest
+
+
+def parse_startup_packet(packet: bytes) -> StartupEvent:
+    """Decode one complete untyped startup-phase packet (length included)."""
+    (code,) = _unpack_i32(packet, 4)
+    if code == SSL_REQUEST_CODE and len(packet) == 8:
+        return SSLRequest()
+    if code == GSSENC_REQUEST_CODE and len(packet) == 8:
+        return GSSENCRequest()
+    if code == CANCEL_REQUEST_CODE and len(packet) == 16:
+        pid, secret = struct.unpack_from("!ii", packet, 8)
+        return CancelRequest(pid, secret)
+    if code >> 16 != 3:
+        raise ProtocolError(
+            f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+            "server supports 3.0 to 3.0",
+            "0A000",
+        )
+    params = _parse_startup_params(packet[8:])
+    if "user" not in params or not params["user"]:
+        raise ProtocolError("no PostgreSQL user name specified in startup packet", "28000")
+    return StartupMessage(params)
+
+
+def _parse_startup_params(body: bytes) -> dict[str, str]:
+    if not body.endswith(b"\x00"):
+        raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
+    parts = body[:-1].split(b"\x00")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    if len(parts) % 2:
+        raise ProtocolError("invalid startup packet layout: missing parameter value")
+    try:
+        decoded = [p.decode("utf-8") for p in parts]
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("invalid byte sequence in startup packet") from exc
+    return dict(zip(decoded[::2], decoded[1::2], strict=True))
+
+
+# ---------------------------------------------------------------------------
+# Typed messages
+
+
+class MessageReader:
+    """Incremental framing of typed messages; returns whole (type, body) pairs.
+
+    Used where every message matters (authentication, the admin console); the data path uses
+    `Scanner` instead.
+    """
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_length: int = MAX_MESSAGE_LENGTH) -> None:
+        self._buf = bytearray()
+        self._max = max_length
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> tuple[int, bytes] | None:
+        """Pop the next complete message, or None if more bytes are needed."""
+        buf = self._buf
+        if len(buf) < 5:
+            return None
+        (length,) = _unpack_i32(buf, 1)
+        if length < 4 or length > self._max:
+            raise ProtocolError(f"invalid message length {length}")
+        end = length + 1
+        if len(buf) < end:
+            return None
+        msg = (buf[0], bytes(buf[5:end]))
+        del buf[:end]
+        return msg
+
+    def take_rest(self) -> bytes:
+        """Hand over whatever is buffered (the start of the data phase)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+
+class Scanner:
+    """Walks message boundaries of a byte stream without copying bodies it is not asked for.
+
+    `feed` returns the (type, body) of every message whose type is in `report`, in order;
+    all other messages are only skipped over. Bodies split across chunks are reassembled.
+    """
+
+    __slots__ = ("_body", "_hdr", "_max", "_need", "_report", "_skip", "_type", "last_type")
+
+    def __init__(self, report: bytes, max_length: int = MAX_MESSAGE_LENGTH) -> None:
+        self._report = report
+        self._max = max_length
+        self._skip = 0
+        self._hdr = bytearray()
+        self._body: bytearray | None = None
+        self._need = 0
+        self._type = 0
+        #: Type byte of the last message whose header was read (0 before any).
+        self.last_type = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the bytes fed so far end exactly at a message boundary."""
+        return not self._skip and self._body is None and not self._hdr
+
+    def reset(self) -> None:
+        self._skip = 0
+        self._hdr.clear()
+        self._body = None
+        self._need = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        pos = 0
+        n = len(data)
+        report = self._report
+        while pos < n:
+            if self._skip:
+                take = min(self._skip, n - pos)
+                pos += take
+                self._skip -= take
+                continue
+            body = self._body
+            if body is not None:
+                take = min(self._need, n - pos)
+                body += data[pos : pos + take]
+                pos += take
+                self._need -= take
+                if not self._need:
+                    out.append((self._type, bytes(body)))
+                    self._body = None
+                continue
+            if self._hdr or n - pos < 5:
+                hdr = self._hdr
+                take = min(5 - len(hdr), n - pos)
+                hdr += data[pos : pos + take]
+                pos += take
+                if len(hdr) < 5:
+                    break
+                typ = hdr[0]
+                (length,) = _unpack_i32(hdr, 1)
+                hdr.clear()
+            else:
+                typ = data[pos]
+                (length,) = _unpack_i32(data, pos + 1)
+                pos += 5
+            if length < 4 or length > self._max:
+                raise ProtocolError(f"invalid message length {length}")
+            self.last_type = typ
+            blen = length - 4
+            if typ in report:
+                if n - pos >= blen:
+                    out.append((typ, data[pos : pos + blen]))
+                    pos += blen
+                else:
+                    self._body = bytearray(data[pos:])
+                    self._need = blen - (n - pos)
+                    self._type = typ
+                    pos = n
+            else:
+                self._skip = blen
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Builders
+
+
+def message(typ: bytes, body: bytes = b"") -> bytes:
+    return typ + _pack_i32(len(body) + 4) + body
+
+
+def _cstr(s: str) -> bytes:
+    return s.encode("utf-8") + b"\x00"
+
+
+AUTH_OK_MSG = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+TERMINATE_MSG = b"X\x00\x00\x00\x04"
+SYNC_MSG = b"S\x00\x00\x00\x04"
+
+
+def auth_request(code: int, data: bytes = b"") -> bytes:
+    return message(b"R", _pack_i32(code) + data)
+
+
+def auth_sasl(mechanisms: list[str]) -> bytes:
+    return auth_request(AUTH_SASL, b"".join(_cstr(m) for m in mechanisms) + b"\x00")
+
+
+def auth_md5(salt: bytes) -> bytes:
+    return auth_request(AUTH_MD5, salt)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", _cstr(name) + _cstr(value))
+
+
+def backend_key_data(pid: int, secret: int) -> bytes:
+    return message(b"K", struct.pack("!ii", pid, secret))
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def _fields(severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None) -> bytes:
+    body = b"S" + _cstr(severity) + b"V" + _cstr(severity) + b"C" + _cstr(sqlstate)
+    body += b"M" + _cstr(text)
+    if detail:
+        body += b"D" + _cstr(detail)
+    if hint:
+        body += b"H" + _cstr(hint)
+    return body + b"\x00"
+
+
+def error_response(
+    sqlstate: str,
+    text: str,
+    *,
+    severity: str = "ERROR",
+    detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    return message(b"E", _fields(severity, sqlstate, text, detail, hint))
+
+
+def fatal(sqlstate: str, text: str, detail: str | None = None) -> bytes:
+    return error_response(sqlstate, text, severity="FATAL", detail=detail)
+
+
+def notice_response(text: str, *, sqlstate: str = "00000", severity: str = "NOTICE") -> bytes:
+    return message(b"N", _fields(severity, sqlstate, text, None, None))
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", _cstr(sql))
+
+
+def startup_message(params: dict[str, str]) -> bytes:
+    body = _pack_i32(PROTOCOL_V3) + b"".join(_cstr(k) + _cstr(v) for k, v in params.items())
+    body += b"\x00"
+    return _pack_i32(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    return struct.pack("!ii", 8, SSL_REQUEST_CODE)
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    return struct.pack("!iiii", 16, CANCEL_REQUEST_CODE, pid, secret)
+
+
+def password_message(data: bytes) -> bytes:
+    return message(b"p", data)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", _cstr(mechanism) + _pack_i32(len(data)) + data)
+
+
+# ---------------------------------------------------------------------------
+# Parsers
+
+
+def parse_auth_request(body: bytes) -> tuple[int, bytes]:
+    if len(body) < 4:
+        raise ProtocolError("short authentication request")
+    return _unpack_i32(body, 0)[0], body[4:]
+
+
+def parse_sasl_mechanisms(data: bytes) -> list[str]:
+    return [m.decode("ascii", "replace") for m in data.split(b"\x00") if m]
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
+    """(mechanism, client-first-message) from a SASLInitialResponse 'p' body."""
+    end = body.find(b"\x00")
+    if end < 0 or len(body) < end + 5:
+        raise ProtocolError("malformed SASLInitialResponse")
+    mechanism = body[:end].decode("ascii", "replace")
+    (dlen,) = _unpack_i32(body, end + 1)
+    data = body[end + 5 :]
+    if dlen != len(data):
+        raise ProtocolError("malformed SASLInitialResponse")
+    return mechanism, data
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    parts = body.split(b"\x00")
+    if len(parts) < 3:
+        raise ProtocolError("malformed ParameterStatus")
+    return parts[0].decode("utf-8", "replace"), parts[1].decode("utf-8", "replace")
+
+
+def parse_error_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse keyed by their one-letter code."""
+    fields: dict[str, str] = {}
+    for part in body.split(b"\x00"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields
+
+
+def parse_backend_key(body: bytes) -> tuple[int, int]:
+    if len(body) != 8:
+        raise ProtocolError("malformed BackendKeyData")
+    pid, secret = struct.unpack("!ii", body)
+    return pid, secret
+
+
+__all__ = [
+    "PROTOCOL_VIOLATION",
+    "CancelRequest",
+    "GSSENCRequest",
+    "MessageReader",
+    "ProtocolError",
+    "SSLRequest",
+    "Scanner",
+    "StartupMessage",
+    "StartupReader",
+]

@@ -1,0 +1,194 @@
+"""The proxy process: listeners, the client registry, cancel routing, the janitor and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import time
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+from . import log
+from .client import ClientConn
+from .config import PoolConfig, Settings
+from .pool import Pool
+from .protocol.errors import ADMIN_SHUTDOWN
+from .server import send_cancel
+
+logger = log.get()
+
+JANITOR_PERIOD = 0.5
+
+
+class Proxy:
+    """Owns every pool and client; one per process."""
+
+    def __init__(self, settings: Settings, pools: list[PoolConfig]) -> None:
+        self.settings = settings
+        self.pools: dict[str, Pool] = {p.name: Pool(self, p, settings) for p in pools}
+        self.clients: set[ClientConn] = set()
+        self.logged_in = 0
+        self._keys: dict[tuple[int, int], ClientConn] = {}
+        self._servers: list[asyncio.Server] = []
+        self.shutting_down = False
+        self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.socket_path = ""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        tcp = await loop.create_server(
+            lambda: ClientConn(self), s.listen_addr, s.port, reuse_address=True, backlog=4096
+        )
+        self._servers.append(tcp)
+        if s.socket_dir:
+            self.socket_path = os.path.join(s.socket_dir, f".s.PGSQL.{s.port}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+            unix = await loop.create_unix_server(
+                lambda: ClientConn(self), self.socket_path, backlog=4096
+            )
+            # Only this dyno's own user may talk to the pool.
+            os.chmod(self.socket_path, 0o600)
+            self._servers.append(unix)
+        self._spawn(self._janitor())
+        logger.info(
+            "listening",
+            addr=f"{s.listen_addr}:{s.port}",
+            socket=self.socket_path or None,
+            pool_mode=s.pool_mode,
+            pools=",".join(self.pools),
+        )
+        for pool in self.pools.values():
+            logger.info(
+                "pool",
+                pool=pool.name,
+                upstream=pool.config.upstream.redacted(),
+                sslmode=pool.sslmode,
+                size=s.default_pool_size,
+            )
+
+    async def serve(self) -> None:
+        """Run until shut down (SIGTERM/SIGINT or `shutdown()`)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.shutdown, signal.Signals(sig).name)
+        await self.start()
+        await self._stopped.wait()
+
+    def shutdown(self, why: str = "shutdown") -> None:
+        """Stop accepting; serve transactions in flight; exit when clients are gone or on timeout."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        logger.info(
+            "shutdown",
+            reason=why,
+            clients=len(self.clients),
+            timeout_s=self.settings.shutdown_timeout,
+        )
+        # Listeners stay open so new clients get a clear 57P01 rather than "connection refused";
+        # clients already in keep being served, since the app finishes its own requests now.
+        for pool in self.pools.values():
+            pool.close_idle("shutdown")
+        self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        while self.clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.fail(
+                ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+                reason="shutdown timeout",
+            )
+        for pool in self.pools.values():
+            pool.close_all("shutdown")
+        for srv in self._servers:
+            srv.close()
+        if self.socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        # Let the Terminate messages and FATALs reach their sockets.
+        await asyncio.sleep(0.05)
+        logger.info("stopped")
+        self._stopped.set()
+
+    # -- clients ----------------------------------------------------------------------------------
+
+    def client_connected(self, client: ClientConn) -> None:
+        self.clients.add(client)
+
+    def client_disconnected(self, client: ClientConn) -> None:
+        self.clients.discard(client)
+        if client.counted:
+            client.counted = False
+            self.logged_in -= 1
+        self._keys.pop((client.pid, client.secret), None)
+
+    def admit(self, client: ClientConn) -> bool:
+        """Count a client that sent a startup packet; False past max_client_conn."""
+        if self.logged_in >= self.settings.max_client_conn:
+            return False
+        self.logged_in += 1
+        client.counted = True
+        return True
+
+    def register_key(self, client: ClientConn) -> tuple[int, int]:
+        """The BackendKeyData this client gets: ours, so a cancel comes to us."""
+        while True:
+            key = (secrets.randbits(31), secrets.randbits(31))
+            if key not in self._keys:
+                self._keys[key] = client
+                return key
+
+    def auth_failed(self, client: ClientConn) -> None:
+        logger.warning("auth_failed", pool=client.database, user=client.user, addr=client.addr)
+
+    def clients_of(self, pool: Pool) -> Iterator[ClientConn]:
+        return (c for c in list(self.clients) if c.pool is pool)
+
+    def cancel(self, pid: int, secret: int) -> None:
+        client = self._keys.get((pid, secret))
+        if client is None:
+            logger.info("cancel_ignored", reason="unknown key")
+            return
+        server = client.server
+        if server is None or server.client is not client:
+            logger.info("cancel_ignored", reason="client holds no server", addr=client.addr)
+            return
+        self._spawn(self._cancel(server))
+
+    async def _cancel(self, server: object) -> None:
+        from .server import ServerConn
+
+        assert isinstance(server, ServerConn)
+        try:
+            await send_cancel(server)
+        except (OSError, TimeoutError) as exc:
+            logger.warning("cancel_failed", error=str(exc))
+
+    # -- janitor ------------------------------------------------------------------------------------
+
+    async def _janitor(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_PERIOD)
+            now = time.monotonic()
+            for pool in self.pools.values():
+                try:
+                    pool.maintain(now)
+                except Exception:
+                    logger.exception("janitor_error", pool=pool.name)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,446 @@
+"""Server side: one upstream PostgreSQL connection, from TCP/TLS connect and auth to byte forwarding.
+
+The connect handshake and internal queries read whole messages; once a connection serves a
+client, `data_received` only walks message headers and forwards each chunk untouched. State
+moves between pool lists are made by `Pool`, never here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING, cast
+
+from . import log
+from .protocol import messages as m
+from .protocol.auth import AuthError, ScramClient, md5_password_response
+from .protocol.errors import (
+    CANNOT_CONNECT_NOW,
+    PROTOCOL_VIOLATION,
+    SQLCLIENT_UNABLE_TO_ESTABLISH,
+    TOO_MANY_CONNECTIONS,
+    ProtocolError,
+)
+
+if TYPE_CHECKING:
+    from .client import ClientConn
+    from .pool import Pool
+
+logger = log.get()
+
+_Z = ord("Z")
+_S = ord("S")
+_I = ord("I")
+
+
+class ServerState(enum.Enum):
+    CONNECTING = "connecting"  #: opening TCP/TLS and authenticating; counted by Pool.connecting
+    IDLE = "idle"  #: in Pool.idle, ready for a client
+    ACTIVE = "active"  #: in Pool.active, linked to a client (or running an internal query for one)
+    CLOSED = "closed"  #: in no list; transport closed or closing
+
+
+class ServerError(Exception):
+    """Connecting or talking to the server failed; carries what to tell the client."""
+
+    def __init__(self, sqlstate: str, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.retryable = retryable
+
+
+# Errors from the server at connect time that mean "try later / elsewhere", not "config is wrong".
+_RETRYABLE_STATES = {TOO_MANY_CONNECTIONS, CANNOT_CONNECT_NOW, "57P01", "57P02", "08006"}
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def make_ssl_context(sslmode: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """TLS context for an sslmode, as libpq interprets it."""
+    if sslmode == "disable":
+        return None
+    if sslmode in ("verify-ca", "verify-full"):
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+        ctx.check_hostname = sslmode == "verify-full"
+        return ctx
+    # allow / prefer / require: encrypt, but do not authenticate the server (libpq's meaning).
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class ServerConn(asyncio.Protocol):
+    """One connection to an upstream PostgreSQL instance."""
+
+    def __init__(self, pool: Pool, host: str, port: int) -> None:
+        self.pool = pool
+        self.host = host
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.state = ServerState.CONNECTING
+        self.client: ClientConn | None = None
+        self.params: dict[str, str] = {}
+        self.pid = 0
+        self.secret = 0
+        # Requests (Query/Sync/FunctionCall) sent whose ReadyForQuery has not come back yet.
+        self.pending = 0
+        self.tx_status = _I
+        # The client sent bytes after its last Sync (an unfinished extended-protocol batch).
+        self.dirty_tail = False
+        self.scanner = m.Scanner(b"ZSE")
+        now = time.monotonic()
+        self.created_at = now
+        self.last_used = now
+        self.linked_at = now
+        self.expires_at = now + pool.settings.server_lifetime * (1.0 - 0.2 * random.random())
+        self.close_reason = ""
+        self.tls = False
+        self.fatal_seen = False
+        # Message mode (handshake, internal queries): a buffer and a waiter instead of forwarding.
+        self._inbuf: bytearray | None = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: BaseException | None = None
+        self._lost_called = False
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        set_nodelay(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        inbuf = self._inbuf
+        if inbuf is not None:
+            inbuf += data
+            self._wake()
+            return
+        try:
+            events = self.scanner.feed(data)
+        except ProtocolError as exc:
+            self.pool.close_server(self, f"server protocol violation: {exc}")
+            return
+        saw_z = False
+        for typ, body in events:
+            if typ == _Z:
+                if self.pending:
+                    self.pending -= 1
+                self.tx_status = body[0] if body else _I
+                saw_z = True
+            elif typ == _S:
+                name, value = m.parse_parameter_status(body)
+                self.params[name] = value
+                if self.client is not None:
+                    self.client.params[name] = value
+            elif b"SFATAL\x00" in body or b"SPANIC\x00" in body:
+                self.fatal_seen = True
+        client = self.client
+        if client is None:
+            # Asynchronous messages (NOTICE, ParameterStatus) while idle in the pool: no one to tell.
+            return
+        client.transport_write(data)
+        if (
+            saw_z
+            and not self.pending
+            and self.tx_status == _I
+            and not self.dirty_tail
+            and self.scanner.at_boundary
+        ):
+            self.pool.transaction_done(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost_called = True
+        self._lost = exc or ConnectionResetError("server closed the connection")
+        self._wake()
+        if self.state is not ServerState.CLOSED:
+            reason = "server closed the connection unexpectedly"
+            if self.fatal_seen:
+                reason = "server sent FATAL and closed the connection"
+            self.pool.server_lost(self, reason)
+
+    def pause_writing(self) -> None:
+        # The server reads slower than the client sends (big COPY): stop reading the client.
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    # -- forwarding ---------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            # Polite goodbye so the backend logs no "unexpected EOF".
+            self.transport.write(m.TERMINATE_MSG)
+            self.transport.close()
+
+    # -- message mode -------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _more(self) -> None:
+        if self._lost is not None:
+            raise ServerError(
+                SQLCLIENT_UNABLE_TO_ESTABLISH,
+                f"server closed the connection: {self._lost}",
+                retryable=True,
+            )
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _read_byte(self) -> int:
+        assert self._inbuf is not None
+        while not self._inbuf:
+            await self._more()
+        b = self._inbuf[0]
+        del self._inbuf[:1]
+        return b
+
+    async def _read_message(self) -> tuple[int, bytes]:
+        buf = self._inbuf
+        assert buf is not None
+        while True:
+            if len(buf) >= 5:
+                length = int.from_bytes(buf[1:5], "big", signed=True)
+                if length < 4 or length > m.MAX_MESSAGE_LENGTH:
+                    raise ServerError(PROTOCOL_VIOLATION, "server sent garbage", retryable=True)
+                if len(buf) >= length + 1:
+                    msg = (buf[0], bytes(buf[5 : length + 1]))
+                    del buf[: length + 1]
+                    return msg
+            await self._more()
+
+    def enter_message_mode(self) -> None:
+        self._inbuf = bytearray()
+
+    def enter_data_mode(self) -> None:
+        """Switch to forwarding; bytes buffered past the last message are replayed."""
+        rest = bytes(self._inbuf or b"")
+        self._inbuf = None
+        self.scanner.reset()
+        if rest:
+            self.data_received(rest)
+
+    async def query_internal(self, sql: str) -> dict[str, str] | None:
+        """Run one simple query of the proxy's own; return the first error's fields, if any."""
+        self.enter_message_mode()
+        self.write(m.query(sql))
+        error: dict[str, str] | None = None
+        while True:
+            typ, body = await self._read_message()
+            if typ == _Z:
+                self.tx_status = body[0]
+                break
+            if typ == _S:
+                name, value = m.parse_parameter_status(body)
+                self.params[name] = value
+            elif typ == ord("E") and error is None:
+                error = m.parse_error_fields(body)
+        self.enter_data_mode()
+        return error
+
+    # -- connect ------------------------------------------------------------------------------
+
+    async def handshake(
+        self,
+        transport: asyncio.Transport,
+        ssl_ctx: ssl.SSLContext | None,
+        sslmode: str,
+        server_hostname: str,
+    ) -> None:
+        """TLS negotiation, startup and authentication, up to the first ReadyForQuery."""
+        loop = asyncio.get_running_loop()
+        up = self.pool.config.upstream
+        if ssl_ctx is not None:
+            transport.write(m.ssl_request())
+            answer = await self._read_byte()
+            if answer == ord("S"):
+                try:
+                    new = await loop.start_tls(
+                        transport, self, ssl_ctx, server_hostname=server_hostname
+                    )
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    raise ServerError(
+                        SQLCLIENT_UNABLE_TO_ESTABLISH,
+                        f"TLS handshake with server failed: {exc.__class__.__name__}: "
+                        f"{getattr(exc, 'reason', None) or exc}",
+                        retryable=False,
+                    ) from None
+                if new is None:
+                    raise ServerError(SQLCLIENT_UNABLE_TO_ESTABLISH, "TLS failed", retryable=True)
+                self.transport = new
+                self.tls = True
+            elif answer == ord("N"):
+                if sslmode not in ("allow", "prefer"):
+                    raise ServerError(
+                        SQLCLIENT_UNABLE_TO_ESTABLISH,
+                        "server does not support SSL, but SSL was required",
+                        retryable=False,
+                    )
+            else:
+                raise ServerError(
+                    PROTOCOL_VIOLATION, "server answered SSLRequest with garbage", retryable=True
+                )
+        params = {"user": up.user, "database": up.dbname, **up.params}
+        self.write(m.startup_message(params))
+        scram: ScramClient | None = None
+        while True:
+            typ, body = await self._read_message()
+            if typ == ord("R"):
+                code, data = m.parse_auth_request(body)
+                if code == m.AUTH_OK:
+                    continue
+                if code == m.AUTH_SASL:
+                    if "SCRAM-SHA-256" not in m.parse_sasl_mechanisms(data):
+                        raise ServerError(
+                            "28000", "server offers no SASL mechanism we support", retryable=False
+                        )
+                    scram = ScramClient(up.password)
+                    self.write(m.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+                elif code == m.AUTH_SASL_CONTINUE and scram is not None:
+                    try:
+                        self.write(m.password_message(scram.handle_server_first(data)))
+                    except AuthError as exc:
+                        raise ServerError(
+                            "28000", f"SCRAM with server failed: {exc}", retryable=False
+                        ) from None
+                elif code == m.AUTH_SASL_FINAL and scram is not None:
+                    try:
+                        scram.verify_server_final(data)
+                    except AuthError as exc:
+                        raise ServerError(
+                            "28000", f"SCRAM with server failed: {exc}", retryable=False
+                        ) from None
+                elif code == m.AUTH_MD5:
+                    self.write(
+                        m.password_message(
+                            md5_password_response(up.user, up.password, data[:4]) + b"\x00"
+                        )
+                    )
+                elif code == m.AUTH_CLEARTEXT:
+                    self.write(m.password_message(up.password.encode() + b"\x00"))
+                else:
+                    raise ServerError(
+                        "28000",
+                        f"server asks for unsupported authentication {code}",
+                        retryable=False,
+                    )
+            elif typ == ord("E"):
+                fields = m.parse_error_fields(body)
+                sqlstate = fields.get("C", SQLCLIENT_UNABLE_TO_ESTABLISH)
+                raise ServerError(
+                    sqlstate,
+                    fields.get("M", "server error"),
+                    retryable=sqlstate in _RETRYABLE_STATES,
+                )
+            elif typ == ord("S"):
+                name, value = m.parse_parameter_status(body)
+                self.params[name] = value
+            elif typ == ord("K"):
+                self.pid, self.secret = m.parse_backend_key(body)
+            elif typ == _Z:
+                self.tx_status = body[0]
+                break
+            # NoticeResponse and anything else harmless during startup: ignore.
+        self.enter_data_mode()
+
+
+async def open_server(pool: Pool, host: str, port: int, server_hostname: str) -> ServerConn:
+    """Connect, negotiate TLS and authenticate; raise ServerError on any failure."""
+    loop = asyncio.get_running_loop()
+    settings = pool.settings
+    try:
+        async with asyncio.timeout(settings.server_connect_timeout):
+            try:
+                transport, proto = await loop.create_connection(
+                    lambda: ServerConn(pool, host, port), host, port
+                )
+            except OSError as exc:
+                raise ServerError(
+                    SQLCLIENT_UNABLE_TO_ESTABLISH,
+                    f"could not connect to server {host}:{port}: {exc.strerror or exc}",
+                    retryable=True,
+                ) from None
+            try:
+                await proto.handshake(transport, pool.ssl_context, pool.sslmode, server_hostname)
+            except BaseException:
+                transport.abort()
+                raise
+    except TimeoutError:
+        raise ServerError(
+            SQLCLIENT_UNABLE_TO_ESTABLISH,
+            f"timeout connecting to server {host}:{port} "
+            f"(server_connect_timeout={settings.server_connect_timeout:g}s)",
+            retryable=True,
+        ) from None
+    return proto
+
+
+class _CancelProto(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.done.done():
+            self.done.set_result(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(b"")
+
+
+async def send_cancel(server: ServerConn) -> None:
+    """Forward a cancel request to the backend that runs `server`'s current query."""
+    loop = asyncio.get_running_loop()
+    pool = server.pool
+    async with asyncio.timeout(pool.settings.server_connect_timeout):
+        transport, proto = await loop.create_connection(_CancelProto, server.host, server.port)
+        try:
+            if server.tls and pool.ssl_context is not None:
+                transport.write(m.ssl_request())
+                answer = await proto.done
+                if answer[:1] == b"S":
+                    new = await loop.start_tls(
+                        transport, proto, pool.ssl_context, server_hostname=pool.server_hostname
+                    )
+                    if new is None:
+                        return
+                    transport = new
+                proto.done = loop.create_future()
+            transport.write(m.cancel_request(server.pid, server.secret))
+            # The server closes the connection once it has read the request.
+            await proto.done
+        finally:
+            transport.close()
