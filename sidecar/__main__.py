@@ -1,4 +1,4 @@
-"""`python -m sidecar [NAME=URL ...]`: run the proxy alone (pools from arguments or SIDECAR_URLS)."""
+"""`python -m sidecar [NAME=URL ...]`: run the proxy alone (pools from args or SIDECAR_URLS)."""
 
 from __future__ import annotations
 

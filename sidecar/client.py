@@ -196,11 +196,14 @@ class ClientConn(asyncio.Protocol):
         assert server is not None
         if terminate:
             data = data[: data.rfind(m.TERMINATE_MSG)]
+        now = time.monotonic()
         if data:
+            server.started(now)
             server.pending += requests
             server.dirty_tail = self._dirty_tail()
             server.write(data)
-        self.last_active = time.monotonic()
+            server.stats.bytes_in += len(data)
+        self.last_active = now
         if terminate:
             self._gone("client close request")
 
@@ -226,6 +229,8 @@ class ClientConn(asyncio.Protocol):
         if self.buffer:
             data = b"".join(self.buffer)
             self.buffer.clear()
+            server.started(time.monotonic())
+            server.stats.bytes_in += len(data)
             server.pending += self.buffered_requests
             server.dirty_tail = self.buffered_dirty_tail
             self.buffered_requests = 0
@@ -386,7 +391,7 @@ class ClientConn(asyncio.Protocol):
             return
         wanted = self.pool.canonical(self.params)
         self.params = wanted
-        shown = dict(self.pool.defaults)
+        shown = dict(self.pool.defaults or {})
         shown.update((k, v) for k, v in wanted.items() if k in shown)
         out = [m.parameter_status(k, v) for k, v in shown.items()]
         out.append(m.backend_key_data(self.pid, self.secret))
@@ -404,6 +409,8 @@ class ClientConn(asyncio.Protocol):
 
     def fail(self, sqlstate: str, text: str, *, reason: str) -> None:
         """Send a FATAL error and close; the reason goes to the log."""
+        if self.pool is not None:
+            self.pool.stats.errors += 1
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(m.fatal(sqlstate, text))
         self.close(reason)

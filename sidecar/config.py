@@ -1,4 +1,4 @@
-"""Configuration: `SIDECAR_*` env vars (with `PGBOUNCER_*` fallbacks) and upstream URLs, validated once.
+"""Configuration: `SIDECAR_*` env vars (`PGBOUNCER_*` as fallbacks) and upstream URLs, checked once.
 
 Everything the proxy reads from its environment goes through here, so a bad value is one clear
 error at start naming the variable, never a surprise later.
@@ -20,6 +20,7 @@ class ConfigError(Exception):
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 POOL_MODES = ("transaction", "session")
 AUTH_TYPES = ("scram-sha-256", "md5")
+URL_STYLES = ("tcp", "unix")
 
 # URL query parameters that configure the connection itself, not the server session.
 _LIBPQ_CONNECTION_KEYS = {
@@ -112,10 +113,17 @@ def pool_name_for_var(var: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    """One pool: the database name clients use, and its upstream."""
+    """One pool: the database name clients use, its upstream, and its own settings overrides."""
 
     name: str
     upstream: Upstream
+    #: Settings field name -> value, applied over the global Settings for this pool only.
+    overrides: dict[str, object] = field(default_factory=dict)
+
+    def settings(self, base: Settings) -> Settings:
+        if not self.overrides:
+            return base
+        return dataclasses.replace(base, **self.overrides)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +155,7 @@ class Settings:
     shutdown_timeout: float = 25.0
     urls: str = "DATABASE_URL"
     enabled: bool = True
+    url_style: str = "tcp"  # how the launcher exports URLs to the app: tcp or unix
 
 
 # Settings that PgBouncer's Heroku buildpack users already set under PGBOUNCER_*.
@@ -236,6 +245,10 @@ def _validate(s: Settings) -> None:
             f"SIDECAR_SERVER_TLS_SSLMODE must be one of {', '.join(SSLMODES)}, "
             f"got {s.server_tls_sslmode!r}"
         )
+    if s.url_style not in URL_STYLES:
+        raise ConfigError(f"SIDECAR_URL_STYLE must be tcp or unix, got {s.url_style!r}")
+    if s.url_style == "unix" and not s.socket_dir:
+        raise ConfigError("SIDECAR_URL_STYLE=unix needs SIDECAR_SOCKET_DIR (it is empty)")
     if s.auth_type not in AUTH_TYPES:
         raise ConfigError(f"SIDECAR_AUTH_TYPE must be scram-sha-256 or md5, got {s.auth_type!r}")
     if not 0 < s.port < 65536:
@@ -246,9 +259,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("SIDECAR_MIN_POOL_SIZE must not exceed SIDECAR_DEFAULT_POOL_SIZE")
     if s.max_client_conn < 1:
         raise ConfigError("SIDECAR_MAX_CLIENT_CONN must be at least 1")
-    if s.server_tls_sslmode.startswith("verify") and s.server_tls_ca_file:
-        if not os.path.isfile(s.server_tls_ca_file):
-            raise ConfigError(f"SIDECAR_SERVER_TLS_CA_FILE {s.server_tls_ca_file!r} is not a file")
+    if s.server_tls_ca_file and not os.path.isfile(s.server_tls_ca_file):
+        raise ConfigError(f"SIDECAR_SERVER_TLS_CA_FILE {s.server_tls_ca_file!r} is not a file")
 
 
 def pools_from_args(args: list[str]) -> list[PoolConfig]:

@@ -11,8 +11,11 @@ from typing import Any, TextIO
 import structlog
 
 
-def _event_to_at(_logger: object, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _event_to_at(_logger: Any, _name: str, event_dict: Any) -> Any:
     event_dict["at"] = event_dict.pop("event", "log")
+    # Heroku's convention: plain lines are info; only say the level when it is not.
+    if event_dict.get("level") == "info":
+        del event_dict["level"]
     return event_dict
 
 
@@ -32,7 +35,7 @@ def setup(stream: TextIO | None = None) -> None:
     )
 
 
-def _prefix(_logger: object, _name: str, line: str) -> str:
+def _prefix(_logger: Any, _name: str, line: Any) -> Any:
     return "sidecar " + line
 
 

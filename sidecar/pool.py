@@ -8,6 +8,7 @@ active (linked to a client), closed. `_move` is the only code that changes a ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from .protocol.errors import (
     TOO_MANY_CONNECTIONS,
 )
 from .server import ServerConn, ServerError, ServerState, make_ssl_context, open_server
+from .stats import Period, PoolStats, Totals
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -86,6 +88,9 @@ class Pool:
         self._backoff = 0.0
         self._next_connect = 0.0
         self.paused = False
+        self.stats = PoolStats()
+        self.totals = Totals()
+        self.last_period: Period | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
     # -- counts ------------------------------------------------------------------------------
@@ -157,10 +162,8 @@ class Pool:
     def client_gone(self, client: ClientConn, state: ClientState, reason: str) -> None:
         """A client disconnected (or was closed) while in `state`."""
         if state is ClientState.WAITING:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiters.remove(client)
-            except ValueError:
-                pass
         elif state is ClientState.LOGIN:
             if client in self.logins:
                 self.logins.remove(client)
@@ -178,23 +181,28 @@ class Pool:
             self._release(server)
         elif clean and server.tx_status in (_I, _T, _E):
             # Idle in a transaction (or session mode): wipe it and reuse rather than reconnect.
-            sql = "ROLLBACK; DISCARD ALL" if not self.transaction_mode else "ROLLBACK"
-            self._spawn(self._reset(server, sql))
+            queries = [] if server.tx_status == _I else ["ROLLBACK"]
+            if not self.transaction_mode:
+                queries.append("DISCARD ALL")
+            self._spawn(self._reset(server, queries))
         else:
             self.close_server(server, f"client disconnected mid-query ({reason})")
 
-    async def _reset(self, server: ServerConn, sql: str) -> None:
+    async def _reset(self, server: ServerConn, queries: list[str]) -> None:
+        error = None
         try:
-            error = await server.query_internal(sql)
+            for sql in queries:
+                error = error or await server.query_internal(sql)
         except ServerError:
             return  # connection_lost already moved it
         if error is not None or server.tx_status != _I:
             self.close_server(server, "reset query failed")
         elif server.state is ServerState.ACTIVE:
             if not self.transaction_mode:
-                # DISCARD ALL resets every setting: the server is like a fresh one again.
-                server.params = {k: v for k, v in server.params.items() if k not in TRACKED}
-                server.params.update(self.defaults or {})
+                # DISCARD ALL resets every setting (reported ones came back as ParameterStatus);
+                # settings we SET that PostgreSQL does not report are gone too.
+                defaults = self.defaults or {}
+                server.params = {k: v for k, v in server.params.items() if k in defaults}
             self._release(server)
 
     # -- servers -------------------------------------------------------------------------------
@@ -220,9 +228,11 @@ class Pool:
         self._move(server, ServerState.IDLE)
 
     def _link(self, client: ClientConn, server: ServerConn) -> None:
+        now = time.monotonic()
+        self.stats.waited(now - client.wait_started if client.state is ClientState.WAITING else 0.0)
         self._move(server, ServerState.ACTIVE)
         server.client = client
-        server.linked_at = time.monotonic()
+        server.linked_at = now
         client.server = server
         sql = self._sync_sql(client.params, server.params)
         if sql is None:
@@ -410,6 +420,23 @@ class Pool:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    # -- views ---------------------------------------------------------------------------------
+
+    def gauges(self) -> dict[str, int]:
+        """Right-now figures for the stats line and the admin console."""
+        linked = sum(1 for s in self.active if s.client is not None)
+        return {
+            "clients.active": linked,
+            "clients.waiting": len(self.waiters) + len(self.logins),
+            "servers.active": len(self.active),
+            "servers.idle": len(self.idle),
+            "servers.connecting": self.connecting,
+            "servers.max": self.settings.default_pool_size + self.settings.reserve_pool_size,
+        }
+
+    def instance_lines(self) -> list[dict[str, object]]:
+        return []
+
     # -- janitor -------------------------------------------------------------------------------
 
     def maintain(self, now: float) -> None:
@@ -441,15 +468,15 @@ class Pool:
                 self.close_server(server, "server idle timeout")
         if s.idle_transaction_timeout or s.client_idle_timeout:
             for server in list(self.active):
-                client = server.client
+                holder = server.client
                 if (
-                    client is not None
+                    holder is not None
                     and s.idle_transaction_timeout
                     and not server.pending
                     and server.tx_status != _I
-                    and now - client.last_active >= s.idle_transaction_timeout
+                    and now - holder.last_active >= s.idle_transaction_timeout
                 ):
-                    client.fail(
+                    holder.fail(
                         IDLE_IN_TRANSACTION_TIMEOUT,
                         "terminating connection due to idle-in-transaction timeout",
                         reason="idle_transaction_timeout",

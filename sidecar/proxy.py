@@ -11,7 +11,7 @@ import time
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
-from . import log
+from . import log, stats
 from .client import ClientConn
 from .config import PoolConfig, Settings
 from .pool import Pool
@@ -28,7 +28,7 @@ class Proxy:
 
     def __init__(self, settings: Settings, pools: list[PoolConfig]) -> None:
         self.settings = settings
-        self.pools: dict[str, Pool] = {p.name: Pool(self, p, settings) for p in pools}
+        self.pools: dict[str, Pool] = {p.name: Pool(self, p, p.settings(settings)) for p in pools}
         self.clients: set[ClientConn] = set()
         self.logged_in = 0
         self._keys: dict[tuple[int, int], ClientConn] = {}
@@ -58,6 +58,7 @@ class Proxy:
             os.chmod(self.socket_path, 0o600)
             self._servers.append(unix)
         self._spawn(self._janitor())
+        self._spawn(stats.reporter(self))
         logger.info(
             "listening",
             addr=f"{s.listen_addr}:{s.port}",
@@ -83,8 +84,12 @@ class Proxy:
         await self.start()
         await self._stopped.wait()
 
+    async def wait_stopped(self) -> None:
+        """Return once `shutdown()` has finished (for an embedder such as the launcher)."""
+        await self._stopped.wait()
+
     def shutdown(self, why: str = "shutdown") -> None:
-        """Stop accepting; serve transactions in flight; exit when clients are gone or on timeout."""
+        """Refuse new clients; serve those in; exit when they are gone or on shutdown_timeout."""
         if self.shutting_down:
             return
         self.shutting_down = True
@@ -176,7 +181,7 @@ class Proxy:
         except (OSError, TimeoutError) as exc:
             logger.warning("cancel_failed", error=str(exc))
 
-    # -- janitor ------------------------------------------------------------------------------------
+    # -- janitor ---------------------------------------------------------------------------------
 
     async def _janitor(self) -> None:
         while True:

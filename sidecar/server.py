@@ -1,4 +1,4 @@
-"""Server side: one upstream PostgreSQL connection, from TCP/TLS connect and auth to byte forwarding.
+"""Server side: one upstream PostgreSQL connection, from TCP/TLS connect and auth to forwarding.
 
 The connect handshake and internal queries read whole messages; once a connection serves a
 client, `data_received` only walks message headers and forwards each chunk untouched. State
@@ -96,6 +96,11 @@ class ServerConn(asyncio.Protocol):
         self.tx_status = _I
         # The client sent bytes after its last Sync (an unfinished extended-protocol batch).
         self.dirty_tail = False
+        self.transaction_mode = pool.transaction_mode
+        self.stats = pool.stats
+        # When the current query / transaction started (for the stats' average times).
+        self.query_start = 0.0
+        self.xact_start = 0.0
         self.scanner = m.Scanner(b"ZSE")
         now = time.monotonic()
         self.created_at = now
@@ -129,27 +134,43 @@ class ServerConn(asyncio.Protocol):
         except ProtocolError as exc:
             self.pool.close_server(self, f"server protocol violation: {exc}")
             return
-        saw_z = False
+        saw_z = 0
+        xacts = 0
         for typ, body in events:
             if typ == _Z:
                 if self.pending:
                     self.pending -= 1
                 self.tx_status = body[0] if body else _I
-                saw_z = True
+                saw_z += 1
+                if self.tx_status == _I:
+                    xacts += 1
             elif typ == _S:
                 name, value = m.parse_parameter_status(body)
                 self.params[name] = value
                 if self.client is not None:
                     self.client.params[name] = value
-            elif b"SFATAL\x00" in body or b"SPANIC\x00" in body:
-                self.fatal_seen = True
+            else:
+                self.stats.errors += 1
+                if b"SFATAL\x00" in body or b"SPANIC\x00" in body:
+                    self.fatal_seen = True
         client = self.client
         if client is None:
-            # Asynchronous messages (NOTICE, ParameterStatus) while idle in the pool: no one to tell.
+            # Async messages (NOTICE, ParameterStatus) while idle in the pool: nobody to tell.
             return
         client.transport_write(data)
+        st = self.stats
+        st.bytes_out += len(data)
+        if saw_z:
+            now = time.monotonic()
+            st.queries += saw_z
+            st.query_time += now - self.query_start
+            self.query_start = now
+            if xacts:
+                st.xacts += xacts
+                st.xact_time += now - self.xact_start
         if (
             saw_z
+            and self.transaction_mode
             and not self.pending
             and self.tx_status == _I
             and not self.dirty_tail
@@ -177,6 +198,13 @@ class ServerConn(asyncio.Protocol):
             self.client.resume_reading()
 
     # -- forwarding ---------------------------------------------------------------------------
+
+    def started(self, now: float) -> None:
+        """The client sends bytes: start the clocks if nothing was in flight."""
+        if not self.pending:
+            self.query_start = now
+            if self.tx_status == _I:
+                self.xact_start = now
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
