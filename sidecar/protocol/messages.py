@@ -106,6 +106,8 @@ class StartupReader:
 
 def parse_startup_packet(packet: bytes) -> StartupEvent:
     """Decode one complete untyped startup-phase packet (length included)."""
+    if len(packet) < 8:
+        raise ProtocolError("invalid length of startup packet")
     (code,) = _unpack_i32(packet, 4)
     if code == SSL_REQUEST_CODE and len(packet) == 8:
         return SSLRequest()
@@ -129,11 +131,16 @@ def parse_startup_packet(packet: bytes) -> StartupEvent:
 def _parse_startup_params(body: bytes) -> dict[str, str]:
     if not body.endswith(b"\x00"):
         raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
-    parts = body[:-1].split(b"\x00")
-    if parts and parts[-1] == b"":
-        parts.pop()
+    # As in PostgreSQL: NUL-terminated name/value pairs, then one NUL that must be the last
+    # byte. An empty name is that terminator, so nothing may follow it.
+    strings = body[:-1]
+    if strings and not strings.endswith(b"\x00"):
+        raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
+    parts = strings[:-1].split(b"\x00") if strings else []
     if len(parts) % 2:
         raise ProtocolError("invalid startup packet layout: missing parameter value")
+    if not all(parts[::2]):
+        raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
     try:
         decoded = [p.decode("utf-8") for p in parts]
     except UnicodeDecodeError as exc:
