@@ -1,0 +1,101 @@
+"""Server side of the proxy: TLS towards PostgreSQL and the upstream authentication methods."""
+
+from __future__ import annotations
+
+import asyncpg
+import psycopg
+import pytest
+from pgfixtures import (
+    MD5_PASSWORD,
+    PW_PASSWORD,
+    CertAuthority,
+    PostgresServer,
+    ProxyFactory,
+    ProxyProcess,
+)
+
+
+def server_uses_tls(
+    pg: PostgresServer, proxy: ProxyProcess, user: str = "app", dbname: str = "appdb"
+) -> bool:
+    """Run a query through the proxy; say whether the server connection serving it uses TLS."""
+    with psycopg.connect(proxy.dsn(user, dbname=dbname), autocommit=True) as conn:
+        row = conn.execute("select pg_backend_pid(), current_user").fetchone()
+    assert row is not None and row[1] == user
+    rows = pg.query(
+        "select s.ssl from pg_stat_ssl s join pg_stat_activity a using (pid)"
+        " where a.pid = %s and a.usename = %s and a.backend_type = 'client backend'",
+        row[0],
+        user,
+        dbname="postgres",
+    )
+    assert len(rows) == 1, f"backend {row[0]} not found: {rows}"
+    return bool(rows[0][0])
+
+
+def test_tls_by_default(pg: PostgresServer, proxy: ProxyProcess) -> None:
+    assert server_uses_tls(pg, proxy)
+    rows = pg.query(
+        "select ssl from pg_stat_ssl join pg_stat_activity using (pid)"
+        " where usename = 'app' and backend_type = 'client backend'",
+        dbname="postgres",
+    )
+    assert rows and any(ssl for (ssl,) in rows)
+
+
+@pytest.mark.parametrize(
+    ("sslmode", "with_ca", "tls"),
+    [
+        ("disable", False, False),
+        ("prefer", False, True),
+        ("require", False, True),
+        ("verify-ca", True, True),
+        ("verify-full", True, True),
+    ],
+)
+def test_server_sslmode(
+    pg: PostgresServer, proxy_factory: ProxyFactory, sslmode: str, with_ca: bool, tls: bool
+) -> None:
+    env = {"SIDECAR_SERVER_TLS_SSLMODE": sslmode}
+    if with_ca:
+        env["SIDECAR_SERVER_TLS_CA_FILE"] = str(pg.ca_file)
+    # the server certificate names "localhost" (and 127.0.0.1)
+    proxy = proxy_factory(f"appdb={pg.url(host='localhost')}", **env)
+    assert server_uses_tls(pg, proxy) is tls
+
+
+async def test_verify_full_with_another_ca_fails(
+    pg: PostgresServer, proxy_factory: ProxyFactory, other_ca: CertAuthority
+) -> None:
+    proxy = proxy_factory(
+        f"appdb={pg.url(host='localhost')}",
+        SIDECAR_SERVER_TLS_SSLMODE="verify-full",
+        SIDECAR_SERVER_TLS_CA_FILE=str(other_ca.cert),
+    )
+    # The proxy may report the failure at login or at the first query.
+    with pytest.raises(asyncpg.PostgresError) as excinfo:
+        conn = await asyncpg.connect(**proxy.asyncpg_params(timeout=30))
+        try:
+            await conn.fetchval("select 1", timeout=30)
+        finally:
+            await conn.close()
+    assert excinfo.value.sqlstate == "08001"
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "dbname"),
+    [("md5user", MD5_PASSWORD, "md5db"), ("pwuser", PW_PASSWORD, "pwdb"), ("app", None, "appdb")],
+)
+def test_upstream_auth_methods(
+    pg: PostgresServer, proxy_factory: ProxyFactory, user: str, password: str | None, dbname: str
+) -> None:
+    proxy = proxy_factory(
+        f"appdb={pg.url()}",
+        f"md5db={pg.url('md5user')}",
+        f"pwdb={pg.url('pwuser')}",
+    )
+    with psycopg.connect(proxy.dsn(user, password, dbname=dbname), autocommit=True) as conn:
+        row = conn.execute("select current_user, current_database(), %s::int + 1", (1,)).fetchone()
+    assert row == (user, "appdb", 2)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(proxy.dsn(user, "wrong", dbname=dbname)).close()
