@@ -23,27 +23,26 @@ from .protocol.errors import (
     TOO_MANY_CONNECTIONS,
     ProtocolError,
 )
+from .protocol.frontend import Frontend, local_prepare
 from .server import set_nodelay
 
 if TYPE_CHECKING:
+    from .admin import AdminSession
     from .pool import Pool
     from .proxy import Proxy
     from .server import ServerConn
 
 logger = log.get()
 
-_Q = ord("Q")
-_S = ord("S")
-_F = ord("F")
-_X = ord("X")
-# Messages after which the client waits for the server; anything else pending needs a later Sync.
-_SYNC_POINTS = b"QSFXdcf"
 # Startup parameters that are session settings; anything else unknown is passed as a SET too.
 _CANONICAL_NAMES = {
     "datestyle": "DateStyle",
     "timezone": "TimeZone",
     "intervalstyle": "IntervalStyle",
 }
+_PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+# Database names that reach the admin console instead of a pool (pgbouncer: scripts keep working).
+ADMIN_DATABASES = ("sidecar", "pgbouncer")
 # Startup keys that are not session settings.
 _NOT_SETTINGS = {"user", "database", "options", "replication"}
 
@@ -56,6 +55,7 @@ class ClientState(enum.Enum):
     WAITING = "waiting"  #: in Pool.waiters, with bytes buffered for the server it waits for
     SETUP = "setup"  #: a server is assigned and gets this client's settings; bytes still buffered
     LINKED = "linked"  #: holds a server; bytes flow both ways
+    ADMIN = "admin"  #: logged in to the admin console; queries answered by AdminSession
     CLOSED = "closed"  #: gone
 
 
@@ -121,7 +121,7 @@ class ClientConn(asyncio.Protocol):
         self.params: dict[str, str] = {}
         self.pid = 0
         self.secret = 0
-        self.scanner = m.Scanner(b"QSFX")
+        self.frontend = Frontend(inspect=False)
         self._startup: m.StartupReader | None = m.StartupReader()
         self._reader: m.MessageReader | None = None
         self._scram: ScramServer | None = None
@@ -129,13 +129,14 @@ class ClientConn(asyncio.Protocol):
         self._sasl_started = False
         self._user_ok = False
         self.buffer: list[bytes] = []
-        self.buffered_requests = 0
-        self.buffered_dirty_tail = False
+        #: Why this client keeps its server past transactions (transaction mode), if it does.
+        self.pins: set[str] = set()
         self.wait_started = 0.0
         self.last_active = time.monotonic()
         self.connected_at = self.last_active
         self._paused = False
         self.counted = False
+        self.admin: AdminSession | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -157,6 +158,9 @@ class ClientConn(asyncio.Protocol):
                 self._startup_data(data)
             elif self.state is ClientState.AUTH:
                 self._auth_data(data)
+            elif self.state is ClientState.ADMIN:
+                assert self.admin is not None
+                self.admin.feed(data)
         except ProtocolError as exc:
             self.fail(exc.sqlstate, str(exc), reason=f"protocol violation: {exc}")
 
@@ -175,52 +179,50 @@ class ClientConn(asyncio.Protocol):
 
     # -- data phase ----------------------------------------------------------------------------
 
-    def _count(self, data: bytes) -> tuple[int, bool]:
-        """(requests that will get a ReadyForQuery, whether the client said Terminate)."""
-        requests = 0
-        terminate = False
-        for typ, _body in self.scanner.feed(data):
-            if typ == _X:
-                terminate = True
-            else:
-                requests += 1
-        return requests, terminate
-
-    def _dirty_tail(self) -> bool:
-        sc = self.scanner
-        return not sc.at_boundary or sc.last_type not in _SYNC_POINTS
-
     def _forward(self, data: bytes) -> None:
-        requests, terminate = self._count(data)
+        """Walk the client's bytes for the linked server and send them."""
         server = self.server
         assert server is not None
-        if terminate:
-            data = data[: data.rfind(m.TERMINATE_MSG)]
+        pool = server.pool
+        try:
+            out, requests, terminate = self.frontend.feed(data, server.statements, pool.registry)
+        except ProtocolError as exc:
+            self.protocol_violation(str(exc))
+            return
         now = time.monotonic()
-        if data:
+        if out:
             server.started(now)
             server.pending += requests
-            server.dirty_tail = self._dirty_tail()
-            server.write(data)
-            server.stats.bytes_in += len(data)
+            server.dirty_tail = self.frontend.dirty_tail
+            server.write(out)
+            server.stats.bytes_in += len(out)
         self.last_active = now
         if terminate:
             self._gone("client close request")
 
     def _buffer(self, data: bytes) -> None:
-        requests, terminate = self._count(data)
-        if terminate:
-            data = data[: data.rfind(m.TERMINATE_MSG)]
-        if data:
-            self.buffer.append(data)
-            self.buffered_requests += requests
-            self.buffered_dirty_tail = self._dirty_tail()
-        if terminate:
-            self._gone("client close request")
-            return
-        if self.state is ClientState.IDLE and self.buffer:
+        if not self.buffer:
+            if data == m.TERMINATE_MSG:
+                self._gone("client close request")
+                return
+            if self.state is ClientState.IDLE and self._prepare_locally(data):
+                return
+        self.buffer.append(data)
+        if self.state is ClientState.IDLE:
             assert self.pool is not None
             self.pool.acquire(self)
+
+    def _prepare_locally(self, data: bytes) -> bool:
+        """Answer a prepare-only batch of known statements without taking a server."""
+        pool = self.pool
+        if pool is None or not pool.transaction_mode or not pool.settings.max_prepared_statements:
+            return False
+        prepared = local_prepare(data, pool.registry)
+        if prepared is None:
+            return False
+        self.frontend.statements.update(prepared)
+        self.transport_write(_PARSE_COMPLETE * len(prepared) + m.ready_for_query(b"I"))
+        return True
 
     def flush_to(self, server: ServerConn) -> None:
         """Linked to `server`: send what was buffered while waiting, then forward directly."""
@@ -229,12 +231,7 @@ class ClientConn(asyncio.Protocol):
         if self.buffer:
             data = b"".join(self.buffer)
             self.buffer.clear()
-            server.started(time.monotonic())
-            server.stats.bytes_in += len(data)
-            server.pending += self.buffered_requests
-            server.dirty_tail = self.buffered_dirty_tail
-            self.buffered_requests = 0
-            server.write(data)
+            self._forward(data)
         if self._paused:
             self.resume_reading()
 
@@ -299,6 +296,12 @@ class ClientConn(asyncio.Protocol):
             )
             return
         pool = self.proxy.pools.get(self.database)
+        if self.database in ADMIN_DATABASES:
+            # The console takes the credentials of any pool: the first pool of this user.
+            pool = next(
+                (p for p in self.proxy.pools.values() if p.config.upstream.user == self.user),
+                next(iter(self.proxy.pools.values()), None),
+            )
         if pool is None:
             self.fail(
                 INVALID_CATALOG_NAME,
@@ -307,6 +310,7 @@ class ClientConn(asyncio.Protocol):
             )
             return
         self.pool = pool
+        self.frontend.inspect = pool.transaction_mode
         settings: dict[str, str] = {}
         for key, value in params.items():
             if key == "options":
@@ -338,7 +342,8 @@ class ClientConn(asyncio.Protocol):
             if typ != m.PASSWORD_MESSAGE:
                 raise ProtocolError(f"expected password response, got message type {chr(typ)!r}")
             self._auth_step(body)
-        if self.state is ClientState.LOGIN:
+        if self._reader is not None and self.state is not ClientState.CLOSED:
+            # Bytes pipelined after the last auth message are the client's first queries.
             rest = reader.take_rest()
             self._reader = None
             if rest:
@@ -381,6 +386,20 @@ class ClientConn(asyncio.Protocol):
         self.transport_write(m.AUTH_OK_MSG)
         self._scram = None
         self.pid, self.secret = self.proxy.register_key(self)
+        if self.database in ADMIN_DATABASES:
+            from .admin import AdminSession
+
+            self.admin = AdminSession(self.proxy, self)
+            self.state = ClientState.ADMIN
+            self.transport_write(self.admin.welcome())
+            if self.proxy.settings.log_connections:
+                logger.info("admin_login", user=self.user, addr=self.addr)
+            assert self._reader is not None
+            rest = self._reader.take_rest()
+            self._reader = None
+            if rest:
+                self.admin.feed(rest)
+            return
         self.state = ClientState.LOGIN
         self.pool.login(self)
 

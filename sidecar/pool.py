@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import log
-from .client import ClientConn, ClientState
+from .client import ClientConn, ClientState, setting_name
 from .config import PoolConfig, Settings
 from .protocol import messages as m
 from .protocol.auth import ScramSecret
@@ -27,6 +27,8 @@ from .protocol.errors import (
     SQLCLIENT_UNABLE_TO_ESTABLISH,
     TOO_MANY_CONNECTIONS,
 )
+from .protocol.frontend import PIN_FLAGS, Q_DISCARD, Q_SET
+from .protocol.statements import Registry
 from .server import ServerConn, ServerError, ServerState, make_ssl_context, open_server
 from .stats import Period, PoolStats, Totals
 
@@ -47,6 +49,25 @@ TRACKED = (
     "IntervalStyle",
     "standard_conforming_strings",
     "application_name",
+)
+
+
+# One query tells whether a session still holds state that cannot move to another server.
+PIN_CHECKS = (
+    "(SELECT count(*) FROM pg_catalog.pg_locks"
+    " WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid())",
+    "(SELECT count(*) FROM pg_catalog.pg_class"
+    " WHERE relnamespace = pg_catalog.pg_my_temp_schema())",
+    "(SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)",
+    "(SELECT count(*) FROM pg_catalog.pg_listening_channels())",
+    "(SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql)",
+)
+PIN_CHECK_REASONS = (
+    "advisory lock",
+    "temporary table",
+    "WITH HOLD cursor",
+    "LISTEN",
+    "SQL PREPARE",
 )
 
 
@@ -89,6 +110,7 @@ class Pool:
         self._next_connect = 0.0
         self.paused = False
         self.stats = PoolStats()
+        self.registry = Registry()
         self.totals = Totals()
         self.last_period: Period | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -176,13 +198,20 @@ class Pool:
         server.client = None
         if server.state is not ServerState.ACTIVE:
             return
-        clean = not server.pending and not server.dirty_tail and server.scanner.at_boundary
-        if clean and server.tx_status == _I and self.transaction_mode:
+        self._retire_session(client, server, reason)
+
+    def _retire_session(self, client: ClientConn, server: ServerConn, reason: str) -> None:
+        """The client left: make its server fit for the next client, or close it."""
+        clean = not server.pending and not server.dirty_tail and server.at_boundary
+        # Session state that would leak to the next client (session mode, or a pinned client).
+        discard = not self.transaction_mode or bool(client.pins)
+        discard = discard or bool(client.frontend.flags & (PIN_FLAGS | Q_SET))
+        if clean and server.tx_status == _I and not discard:
             self._release(server)
         elif clean and server.tx_status in (_I, _T, _E):
-            # Idle in a transaction (or session mode): wipe it and reuse rather than reconnect.
+            # Idle in a transaction, or session state to drop: wipe it rather than reconnect.
             queries = [] if server.tx_status == _I else ["ROLLBACK"]
-            if not self.transaction_mode:
+            if discard:
                 queries.append("DISCARD ALL")
             self._spawn(self._reset(server, queries))
         else:
@@ -192,28 +221,104 @@ class Pool:
         error = None
         try:
             for sql in queries:
-                error = error or await server.query_internal(sql)
+                error = error or (await server.query_internal(sql))[0]
         except ServerError:
             return  # connection_lost already moved it
         if error is not None or server.tx_status != _I:
             self.close_server(server, "reset query failed")
         elif server.state is ServerState.ACTIVE:
-            if not self.transaction_mode:
-                # DISCARD ALL resets every setting (reported ones came back as ParameterStatus);
-                # settings we SET that PostgreSQL does not report are gone too.
-                defaults = self.defaults or {}
-                server.params = {k: v for k, v in server.params.items() if k in defaults}
+            if "DISCARD ALL" in queries:
+                self._discarded(server.params)
+                if server.statements is not None:
+                    server.statements.forget_all()
             self._release(server)
+
+    def _discarded(self, params: dict[str, str]) -> None:
+        """DISCARD ALL / RESET ALL ran: reported settings came back as ParameterStatus; the
+        ones we SET that PostgreSQL does not report are gone."""
+        defaults = self.defaults or {}
+        for key in [k for k in params if k not in defaults]:
+            del params[key]
 
     # -- servers -------------------------------------------------------------------------------
 
     def transaction_done(self, server: ServerConn) -> None:
         """ReadyForQuery `I` with nothing outstanding (transaction mode): free the server."""
         client = server.client
+        if client is not None and (client.pins or client.frontend.flags):
+            # The transaction may have left session state: look before letting go.
+            client.state = ClientState.SETUP
+            self._spawn(self._after_transaction(client, server))
+            return
         server.client = None
         if client is not None:
             client.unlink()
         self._release(server)
+
+    async def _after_transaction(self, client: ClientConn, server: ServerConn) -> None:
+        """Record SETs the server does not report, and pin the client while it holds state."""
+        frontend = client.frontend
+        flags, names = frontend.flags, frontend.set_names
+        frontend.flags, frontend.set_names = 0, []
+        defaults = self.defaults or {}
+        if flags & Q_DISCARD:
+            client.pins.clear()
+            self._discarded(client.params)
+            self._discarded(server.params)
+        if "all" in names:  # RESET ALL
+            self._discarded(client.params)
+            self._discarded(server.params)
+        names = sorted({n for n in names if n != "all" and setting_name(n) not in defaults})
+        check_pins = bool(flags & PIN_FLAGS or client.pins)
+        columns = list(PIN_CHECKS) if check_pins else []
+        columns += [f"pg_catalog.current_setting({_literal(n)}, true)" for n in names]
+        rows: list[list[str | None]] = []
+        if columns:
+            try:
+                error, rows = await server.query_internal("SELECT " + ", ".join(columns))
+            except ServerError:
+                return  # connection_lost told the client
+            if error is not None or not rows:
+                self.close_server(server, f"session state check failed: {error}")
+                return
+        row = rows[0] if rows else []
+        values = row[len(PIN_CHECKS) :] if check_pins else row
+        for name, value in zip(names, values, strict=False):
+            if value is not None:
+                client.params[name] = value
+                server.params[name] = value
+        pins = (
+            {reason for reason, count in zip(PIN_CHECK_REASONS, row, strict=False) if count != "0"}
+            if check_pins
+            else set()
+        )
+        if client.state is ClientState.CLOSED:
+            client.pins = pins
+            server.client = None
+            self._retire_session(client, server, "client left")
+            return
+        if pins:
+            if pins != client.pins:
+                logger.info(
+                    "pin",
+                    pool=self.name,
+                    addr=client.addr,
+                    client_pid=client.pid,
+                    reason=",".join(sorted(pins)),
+                    backend_pid=server.pid,
+                )
+            client.pins = pins
+            client.flush_to(server)
+            return
+        if client.pins:
+            logger.info("unpin", pool=self.name, addr=client.addr, client_pid=client.pid)
+            client.pins = set()
+        server.client = None
+        client.state = ClientState.LINKED
+        client.unlink()
+        self._release(server)
+        if client.buffer:
+            self.acquire(client)
 
     def _release(self, server: ServerConn) -> None:
         """Back to idle, or straight to the next waiter; retire it if its time is over."""
@@ -264,7 +369,7 @@ class Pool:
 
     async def _sync_then_flush(self, client: ClientConn, server: ServerConn, sql: str) -> None:
         try:
-            error = await server.query_internal(sql)
+            error, _rows = await server.query_internal(sql)
         except ServerError:
             return  # connection_lost already moved it and told the client
         if server.state is not ServerState.ACTIVE:
@@ -354,6 +459,8 @@ class Pool:
         """Open servers for waiting clients (and min_pool_size), within the pool's limit."""
         now = time.monotonic()
         if now < self._next_connect or (self.proxy.shutting_down and not self.waiters):
+            return
+        if self.paused and self.defaults is not None:
             return
         want = max(len(self.waiters) + len(self.logins) - self.connecting, force - self.connecting)
         want = max(want, self.settings.min_pool_size - self.size)
@@ -501,6 +608,22 @@ class Pool:
     def close_idle(self, reason: str) -> None:
         for server in list(self.idle):
             self.close_server(server, reason)
+
+    async def pause(self) -> None:
+        """Hand out no servers; return once every server is back, then close them (PAUSE)."""
+        self.paused = True
+        while self.active or self.connecting:
+            await asyncio.sleep(0.05)
+            if not self.paused:
+                return
+        self.close_idle("pause")
+
+    def reconnect(self) -> None:
+        """Replace every server: idle ones now, busy ones when their client releases them."""
+        for server in self.active:
+            server.expires_at = 0.0
+        self.close_idle("reconnect requested")
+        self._fill()
 
     def resume(self) -> None:
         self.paused = False

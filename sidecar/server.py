@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 from . import log
 from .protocol import messages as m
 from .protocol.auth import AuthError, ScramClient, md5_password_response
+from .protocol.backend import Backend
 from .protocol.errors import (
     CANNOT_CONNECT_NOW,
     PROTOCOL_VIOLATION,
@@ -25,6 +26,7 @@ from .protocol.errors import (
     TOO_MANY_CONNECTIONS,
     ProtocolError,
 )
+from .protocol.statements import ServerStatements
 
 if TYPE_CHECKING:
     from .client import ClientConn
@@ -93,7 +95,6 @@ class ServerConn(asyncio.Protocol):
         self.secret = 0
         # Requests (Query/Sync/FunctionCall) sent whose ReadyForQuery has not come back yet.
         self.pending = 0
-        self.tx_status = _I
         # The client sent bytes after its last Sync (an unfinished extended-protocol batch).
         self.dirty_tail = False
         self.transaction_mode = pool.transaction_mode
@@ -101,7 +102,10 @@ class ServerConn(asyncio.Protocol):
         # When the current query / transaction started (for the stats' average times).
         self.query_start = 0.0
         self.xact_start = 0.0
-        self.scanner = m.Scanner(b"ZSE")
+        self.backend = Backend()
+        # Statement renaming (transaction mode with max_prepared_statements > 0).
+        cap = pool.settings.max_prepared_statements
+        self.statements = ServerStatements(cap) if cap and pool.transaction_mode else None
         now = time.monotonic()
         self.created_at = now
         self.last_used = now
@@ -129,54 +133,46 @@ class ServerConn(asyncio.Protocol):
             inbuf += data
             self._wake()
             return
+        backend = self.backend
         try:
-            events = self.scanner.feed(data)
+            out = backend.feed(data, self.statements)
         except ProtocolError as exc:
             self.pool.close_server(self, f"server protocol violation: {exc}")
             return
-        saw_z = 0
-        xacts = 0
-        for typ, body in events:
-            if typ == _Z:
-                if self.pending:
-                    self.pending -= 1
-                self.tx_status = body[0] if body else _I
-                saw_z += 1
-                if self.tx_status == _I:
-                    xacts += 1
-            elif typ == _S:
-                name, value = m.parse_parameter_status(body)
-                self.params[name] = value
-                if self.client is not None:
-                    self.client.params[name] = value
-            else:
-                self.stats.errors += 1
-                if b"SFATAL\x00" in body or b"SPANIC\x00" in body:
-                    self.fatal_seen = True
         client = self.client
+        if backend.params is not None:
+            for name, value in backend.params:
+                self.params[name] = value
+                if client is not None:
+                    client.params[name] = value
+        st = self.stats
+        if backend.errors:
+            st.errors += backend.errors
+            self.fatal_seen = self.fatal_seen or backend.fatal
         if client is None:
             # Async messages (NOTICE, ParameterStatus) while idle in the pool: nobody to tell.
             return
-        client.transport_write(data)
-        st = self.stats
-        st.bytes_out += len(data)
-        if saw_z:
+        if out:
+            client.transport_write(out)
+            st.bytes_out += len(out)
+        zs = backend.zs
+        if zs:
+            self.pending = self.pending - zs if self.pending > zs else 0
             now = time.monotonic()
-            st.queries += saw_z
+            st.queries += zs
             st.query_time += now - self.query_start
             self.query_start = now
-            if xacts:
-                st.xacts += xacts
+            if backend.xacts:
+                st.xacts += backend.xacts
                 st.xact_time += now - self.xact_start
-        if (
-            saw_z
-            and self.transaction_mode
-            and not self.pending
-            and self.tx_status == _I
-            and not self.dirty_tail
-            and self.scanner.at_boundary
-        ):
-            self.pool.transaction_done(self)
+            if (
+                self.transaction_mode
+                and not self.pending
+                and backend.tx_status == _I
+                and not self.dirty_tail
+                and backend.at_boundary
+            ):
+                self.pool.transaction_done(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost_called = True
@@ -196,6 +192,15 @@ class ServerConn(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.client is not None:
             self.client.resume_reading()
+
+    @property
+    def tx_status(self) -> int:
+        """Status byte of the last ReadyForQuery: I (idle), T (in transaction), E (failed)."""
+        return self.backend.tx_status
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.backend.at_boundary
 
     # -- forwarding ---------------------------------------------------------------------------
 
@@ -277,27 +282,32 @@ class ServerConn(asyncio.Protocol):
         """Switch to forwarding; bytes buffered past the last message are replayed."""
         rest = bytes(self._inbuf or b"")
         self._inbuf = None
-        self.scanner.reset()
+        self.backend.reset()
         if rest:
             self.data_received(rest)
 
-    async def query_internal(self, sql: str) -> dict[str, str] | None:
-        """Run one simple query of the proxy's own; return the first error's fields, if any."""
+    async def query_internal(
+        self, sql: str
+    ) -> tuple[dict[str, str] | None, list[list[str | None]]]:
+        """Run one simple query of the proxy's own: (first error's fields or None, text rows)."""
         self.enter_message_mode()
         self.write(m.query(sql))
         error: dict[str, str] | None = None
+        rows: list[list[str | None]] = []
         while True:
             typ, body = await self._read_message()
             if typ == _Z:
-                self.tx_status = body[0]
+                self.backend.tx_status = body[0]
                 break
             if typ == _S:
                 name, value = m.parse_parameter_status(body)
                 self.params[name] = value
+            elif typ == ord("D"):
+                rows.append(m.parse_data_row(body))
             elif typ == ord("E") and error is None:
                 error = m.parse_error_fields(body)
         self.enter_data_mode()
-        return error
+        return error, rows
 
     # -- connect ------------------------------------------------------------------------------
 
@@ -399,7 +409,7 @@ class ServerConn(asyncio.Protocol):
             elif typ == ord("K"):
                 self.pid, self.secret = m.parse_backend_key(body)
             elif typ == _Z:
-                self.tx_status = body[0]
+                self.backend.tx_status = body[0]
                 break
             # NoticeResponse and anything else harmless during startup: ignore.
         self.enter_data_mode()

@@ -413,6 +413,22 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
     return fields
 
 
+def parse_data_row(body: bytes) -> list[str | None]:
+    """Text-format DataRow values (None for NULL)."""
+    (count,) = struct.unpack_from("!h", body, 0)
+    pos = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        (size,) = _unpack_i32(body, pos)
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + size].decode("utf-8", "replace"))
+            pos += size
+    return values
+
+
 def parse_backend_key(body: bytes) -> tuple[int, int]:
     if len(body) != 8:
         raise ProtocolError("malformed BackendKeyData")

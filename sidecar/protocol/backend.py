@@ -1,0 +1,203 @@
+"""Server-to-client stream walker: ReadyForQuery, ParameterStatus and errors, and the fixups
+that prepared-statement renaming needs (swallow or rewrite a few responses).
+
+Bytes go to the client as received. Only message headers are read, plus the small bodies of
+ReadyForQuery, ParameterStatus and ErrorResponse; an incomplete one of those (or an incomplete
+header) is held back until its last byte arrives, so every decision sees whole messages.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .errors import ProtocolError
+from .messages import MAX_MESSAGE_LENGTH, message, parse_parameter_status
+from .statements import Fix, ServerStatements, Special
+
+_unpack_i32 = struct.Struct("!i").unpack_from
+
+_Z = ord("Z")
+_S = ord("S")
+_E = ord("E")
+_I = ord("I")
+_PARSE_COMPLETE = ord("1")
+_CLOSE_COMPLETE = ord("3")
+_WHOLE = b"ZSE13"
+PARSE_COMPLETE_MSG = b"1\x00\x00\x00\x04"
+
+
+class Backend:
+    """Walks one server connection's stream. Results of the last `feed` are attributes."""
+
+    __slots__ = (
+        "_batch_closes",
+        "_batch_parses",
+        "_held",
+        "_skip",
+        "errors",
+        "fatal",
+        "params",
+        "tx_status",
+        "xacts",
+        "zs",
+    )
+
+    def __init__(self) -> None:
+        self._skip = 0
+        self._held = b""
+        self._batch_parses = 0
+        self._batch_closes = 0
+        #: Status byte of the last ReadyForQuery (I, T or E).
+        self.tx_status = _I
+        #: Of the last feed: ReadyForQuery count, those with status I, ErrorResponses,
+        #: whether one was FATAL/PANIC, and ParameterStatus (name, value) pairs.
+        self.zs = 0
+        self.xacts = 0
+        self.errors = 0
+        self.fatal = False
+        self.params: list[tuple[str, str]] | None = None
+
+    @property
+    def at_boundary(self) -> bool:
+        """Everything handed out so far ends on a message boundary."""
+        return not self._skip and not self._held
+
+    def reset(self) -> None:
+        self._skip = 0
+        self._held = b""
+        self._batch_parses = self._batch_closes = 0
+
+    def feed(self, data: bytes, ctx: ServerStatements | None = None) -> bytes:
+        """Bytes for the client; `ctx` is the server's statement bookkeeping, if any."""
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        self.zs = self.xacts = self.errors = 0
+        self.params = None
+        n = len(data)
+        pos = 0
+        if self._skip:
+            pos = min(self._skip, n)
+            self._skip -= pos
+        out: list[bytes] | None = None
+        copied = 0
+        while pos < n:
+            if n - pos < 5:
+                self._held = data[pos:]
+                break
+            typ = data[pos]
+            (length,) = _unpack_i32(data, pos + 1)
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                raise ProtocolError(f"invalid message length {length} from server")
+            end = pos + 1 + length
+            if typ in _WHOLE:
+                if end > n:
+                    self._held = data[pos:]
+                    break
+                repl = self._message(typ, data, pos, end, ctx)
+                if repl is not None:
+                    if out is None:
+                        out = []
+                    out.append(data[copied:pos])
+                    out.append(repl)
+                    copied = end
+            elif ctx is not None and ctx.fixups and self._replacing(ctx):
+                # The stand-in empty query's own answer: the client never asked for it.
+                if end > n:
+                    self._held = data[pos:]
+                    break
+                if out is None:
+                    out = []
+                out.append(data[copied:pos])
+                copied = end
+            elif end > n:
+                self._skip = end - n
+                pos = n
+                break
+            pos = end
+        limit = n - len(self._held) if self._held else n
+        if out is None:
+            return data if limit == len(data) else data[:limit]
+        out.append(data[copied:limit])
+        return b"".join(out)
+
+    # -- per-message work ------------------------------------------------------------------------
+
+    def _message(
+        self, typ: int, data: bytes, pos: int, end: int, ctx: ServerStatements | None
+    ) -> bytes | None:
+        if typ == _Z:
+            status = data[pos + 5] if end > pos + 5 else _I
+            self.tx_status = status
+            self.zs += 1
+            if status == _I:
+                self.xacts += 1
+            if ctx is None:
+                return None
+            return self._ready(ctx)
+        if typ == _S:
+            if self.params is None:
+                self.params = []
+            self.params.append(parse_parameter_status(data[pos + 5 : end]))
+            return None
+        if typ == _E:
+            self.errors += 1
+            body = data[pos + 5 : end]
+            if b"SFATAL\x00" in body or b"SPANIC\x00" in body:
+                self.fatal = True
+            if ctx is not None and ctx.fixups and self._replacing(ctx):
+                return b""  # the stand-in's error would not be the client's
+            return None
+        if ctx is None or not (ctx.fixups or ctx.open_specials):
+            return None
+        specials = self._current(ctx)
+        if not specials:
+            return None
+        if typ == _PARSE_COMPLETE:
+            ordinal = self._batch_parses
+            self._batch_parses += 1
+            for sp in specials:
+                if sp.kind == _PARSE_COMPLETE and sp.ordinal == ordinal:
+                    sp.confirmed = True
+                    if sp.stmt is not None:
+                        sp.stmt.confirmed = True
+                    return b"" if sp.fix is Fix.SWALLOW else None
+            return None
+        ordinal = self._batch_closes
+        self._batch_closes += 1
+        for sp in specials:
+            if sp.kind == _CLOSE_COMPLETE and sp.ordinal == ordinal:
+                sp.confirmed = True
+                if sp.fix is Fix.SWALLOW:
+                    return b""
+                return PARSE_COMPLETE_MSG if sp.fix is Fix.AS_PARSE else None
+        return None
+
+    def _current(self, ctx: ServerStatements) -> list[Special] | None:
+        """Specials of the batch the server is answering now."""
+        batch = ctx.recv_z + 1
+        if batch <= ctx.sent_syncs:
+            return ctx.fixups.get(batch)
+        return ctx.open_specials
+
+    def _replacing(self, ctx: ServerStatements) -> bool:
+        specials = self._current(ctx)
+        return bool(specials) and specials[0].fix is Fix.REPLACE  # type: ignore[index]
+
+    def _ready(self, ctx: ServerStatements) -> bytes | None:
+        """ReadyForQuery ends a batch: settle its specials."""
+        ctx.recv_z += 1
+        self._batch_parses = self._batch_closes = 0
+        specials = ctx.fixups.pop(ctx.recv_z, None) if ctx.fixups else None
+        if not specials:
+            return None
+        repl: bytes | None = None
+        for sp in specials:
+            if sp.fix is Fix.REPLACE:
+                repl = message(b"C", sp.tag + b"\x00")
+            elif sp.stmt is not None and not sp.confirmed:
+                # An error ended the batch before this Parse ran: the server lacks it.
+                ctx.lru.pop(sp.stmt.name, None)
+                if sp.owner is not None and sp.owner.get(sp.owner_name) is sp.stmt:
+                    del sp.owner[sp.owner_name]
+        return None if repl is None else repl

@@ -1,0 +1,381 @@
+"""Client-to-server stream walker: counts requests, spots Terminate and session state, and
+renames prepared statements for the server that will run them.
+
+Bytes are forwarded as received unless a message must change: only message headers are read,
+except for the few messages whose body matters (Query, Parse, Bind, Describe, Close), and only
+when statement tracking or session-state detection is on (transaction mode).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+from .errors import ProtocolError
+from .messages import MAX_MESSAGE_LENGTH, SYNC_MSG, message
+from .statements import Fix, Registry, ServerStatements, Special, Statement
+
+_unpack_i32 = struct.Struct("!i").unpack_from
+
+_P = ord("P")
+_B = ord("B")
+_D = ord("D")
+_C = ord("C")
+_Q = ord("Q")
+_S = ord("S")
+_F = ord("F")
+_X = ord("X")
+_H = ord("H")
+# Messages after which the client waits for the server; anything else needs a later Sync.
+_SYNC_POINTS = b"QSFXdcf"
+_INSPECT = b"QPBDC"
+_REQUESTS = b"QSF"
+
+# What a query does to the session (bit flags).
+Q_ADVISORY = 1  #: takes a session-level advisory lock
+Q_TEMP = 2  #: creates a temporary object
+Q_HOLD = 4  #: declares a WITH HOLD cursor
+Q_LISTEN = 8  #: LISTEN
+Q_PREPARE = 16  #: SQL-level PREPARE
+Q_SET = 32  #: SET / RESET / set_config of a session setting
+Q_DISCARD = 64  #: DISCARD ALL
+Q_DEALLOCATE = 128  #: DEALLOCATE of a statement
+
+PIN_FLAGS = Q_ADVISORY | Q_TEMP | Q_HOLD | Q_LISTEN | Q_PREPARE
+PIN_REASONS = {
+    Q_ADVISORY: "advisory lock",
+    Q_TEMP: "temporary table",
+    Q_HOLD: "WITH HOLD cursor",
+    Q_LISTEN: "LISTEN",
+    Q_PREPARE: "SQL PREPARE",
+}
+
+# A cheap first look: most queries match none of these words and cost one search.
+_ANY = re.compile(rb"advisory_lock|temp|hold|listen|prepare|set|discard|deallocate", re.IGNORECASE)
+_ADVISORY = re.compile(rb"pg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.IGNORECASE)
+_TEMP = re.compile(rb"\bcreate\s+(?:(?:global|local)\s+)?temp(?:orary)?\s", re.IGNORECASE)
+_HOLD = re.compile(rb"\bwith\s+hold\b", re.IGNORECASE)
+_LISTEN = re.compile(rb"(?:^|;)\s*listen\s", re.IGNORECASE)
+_PREPARE = re.compile(rb"(?:^|;)\s*prepare\s+(?!transaction\b)\w", re.IGNORECASE)
+_SET = re.compile(
+    rb"(?:^|;)\s*(?:set|reset)\s+(?:session\s+)?(?!local\b|transaction\b|constraints\b)"
+    rb"(\w[\w.]*(?:\s+zone)?)",
+    re.IGNORECASE,
+)
+_SET_CONFIG = re.compile(rb"set_config\s*\(\s*'([\w.]+)'", re.IGNORECASE)
+_DISCARD = re.compile(rb"(?:^|;)\s*discard\s+all\b", re.IGNORECASE)
+_DEALLOCATE_WORD = re.compile(rb"(?:^|;)\s*deallocate\s", re.IGNORECASE)
+_DEALLOCATE = re.compile(
+    rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\")+\"|[^\s;\"]+)\s*;?\s*$",
+    re.IGNORECASE,
+)
+
+
+def classify(sql: bytes) -> tuple[int, list[str]]:
+    """(Q_* flags, names of settings SET/RESET) for a query text; cheap when nothing matches."""
+    if _ANY.search(sql) is None:
+        return 0, []
+    flags = 0
+    names: list[str] = []
+    if _ADVISORY.search(sql):
+        flags |= Q_ADVISORY
+    if _TEMP.search(sql):
+        flags |= Q_TEMP
+    if _HOLD.search(sql):
+        flags |= Q_HOLD
+    if _LISTEN.search(sql):
+        flags |= Q_LISTEN
+    if _PREPARE.search(sql):
+        flags |= Q_PREPARE
+    for match in _SET.finditer(sql):
+        name = match.group(1).decode("utf-8", "replace").lower()
+        names.append("timezone" if " " in name else name)
+    for match in _SET_CONFIG.finditer(sql):
+        names.append(match.group(1).decode("utf-8", "replace").lower())
+    if names:
+        flags |= Q_SET
+    if _DISCARD.search(sql):
+        flags |= Q_DISCARD
+    if _DEALLOCATE_WORD.search(sql):
+        flags |= Q_DEALLOCATE
+    return flags, names
+
+
+def deallocate_target(sql: bytes) -> bytes | None:
+    """The statement name of a lone `DEALLOCATE name` query (b"" for ALL), else None."""
+    match = _DEALLOCATE.match(sql)
+    if match is None:
+        return None
+    target = match.group(1)
+    if target.lower() == b"all":
+        return b""
+    if target.startswith(b'"'):
+        return target[1:-1].replace(b'""', b'"')
+    return target.lower()
+
+
+def local_prepare(data: bytes, registry: Registry) -> list[tuple[bytes, Statement]] | None:
+    """If `data` is only Parse messages of already-accepted texts and one final Sync, the
+    (client name, statement) pairs, so the proxy can answer without a server; else None.
+
+    A client that prepares while holding no server (libpq's PQprepare, pgbench -M prepared)
+    then never waits for one, and cannot block its thread behind a busy pool.
+    """
+    out: list[tuple[bytes, Statement]] = []
+    pos = 0
+    n = len(data)
+    while n - pos >= 5 and data[pos] == _P:
+        (length,) = _unpack_i32(data, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or end > n:
+            return None
+        nul = data.find(b"\x00", pos + 5, end)
+        if nul <= pos + 5:  # malformed, or the unnamed statement
+            return None
+        stmt = registry.known(data[nul + 1 : end])
+        if stmt is None or stmt.flags:
+            return None
+        out.append((data[pos + 5 : nul], stmt))
+        pos = end
+    if out and data[pos:] == SYNC_MSG:
+        return out
+    return None
+
+
+class Frontend:
+    """Walks one client's stream; holds back incomplete messages it needs whole."""
+
+    __slots__ = (
+        "_held",
+        "_skip",
+        "_skip_type",
+        "dirty_tail",
+        "flags",
+        "inspect",
+        "set_names",
+        "statements",
+    )
+
+    def __init__(self, inspect: bool) -> None:
+        #: Transaction mode: look at Query/Parse texts and statement names.
+        self.inspect = inspect
+        self._skip = 0
+        self._skip_type = 0
+        self._held = b""
+        #: The bytes sent end inside an extended-protocol batch (no Sync yet).
+        self.dirty_tail = False
+        #: Client statement name -> proxy-wide statement.
+        self.statements: dict[bytes, Statement] = {}
+        #: Q_* flags seen since the caller last cleared them, and settings SET meanwhile.
+        self.flags = 0
+        self.set_names: list[str] = []
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def feed(
+        self,
+        data: bytes,
+        ctx: ServerStatements | None = None,
+        registry: Registry | None = None,
+    ) -> tuple[bytes, int, bool]:
+        """(bytes to send, requests that will get a ReadyForQuery, Terminate seen).
+
+        `ctx`/`registry` are given when statements are renamed (transaction mode with
+        max_prepared_statements > 0): the bytes are then rewritten for that server.
+        """
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        n = len(data)
+        pos = 0
+        requests = 0
+        terminate = False
+        last = 0
+        if self._skip:
+            pos = min(self._skip, n)
+            self._skip -= pos
+            if not self._skip:
+                last = self._skip_type
+        out: list[bytes] | None = None  # set once a message is rewritten
+        copied = 0  # data[copied:pos] not yet in `out`
+        inspect = self.inspect
+        while pos < n:
+            if n - pos < 5:
+                self._held = data[pos:]
+                break
+            typ = data[pos]
+            (length,) = _unpack_i32(data, pos + 1)
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                raise ProtocolError(f"invalid message length {length}")
+            end = pos + 1 + length
+            if typ == _X:
+                terminate = True
+                if out is not None:
+                    out.append(data[copied:pos])
+                copied = pos
+                data = data[:pos]
+                n = pos
+                break
+            if inspect and typ in _INSPECT:
+                if end > n:
+                    self._held = data[pos:]
+                    break
+                repl = self._inspect(typ, data, pos + 5, end, ctx, registry)
+                if repl is not None:
+                    if out is None:
+                        out = []
+                    out.append(data[copied:pos])
+                    out.append(repl)
+                    copied = end
+            if typ in _REQUESTS:
+                requests += 1
+                if ctx is not None:
+                    self._sync_point(ctx)
+            if end > n:  # only uninspected messages get here incomplete: stream them
+                self._skip = end - n
+                self._skip_type = last = typ
+                pos = n
+                break
+            last = typ
+            pos = end
+        if last:
+            self.dirty_tail = last not in _SYNC_POINTS or bool(self._skip)
+        limit = n - len(self._held) if self._held else n
+        if out is None:
+            sent = data if limit == len(data) else data[:limit]
+        else:
+            out.append(data[copied:limit])
+            sent = b"".join(out)
+        return sent, requests, terminate
+
+    # -- per-message work ------------------------------------------------------------------------
+
+    def _inspect(
+        self,
+        typ: int,
+        data: bytes,
+        start: int,
+        end: int,
+        ctx: ServerStatements | None,
+        registry: Registry | None,
+    ) -> bytes | None:
+        """Look at one whole message; return its replacement bytes, or None to send it as is."""
+        if typ == _Q:
+            return self._query(data[start : end - 1], ctx)
+        if typ == _P:
+            nul = data.index(b"\x00", start, end)
+            name = data[start:nul]
+            flags, names = classify(data[nul + 1 : data.find(b"\x00", nul + 1, end)])
+            self._note(flags, names)
+            if ctx is None or registry is None:
+                return None
+            if not name:
+                ctx.batch_parses += 1
+                return None
+            return self._parse(name, data[nul + 1 : end], flags, ctx, registry)
+        if ctx is None:
+            return None
+        if typ == _B:
+            nul = data.index(b"\x00", start, end)  # end of the portal name
+            nul2 = data.index(b"\x00", nul + 1, end)
+            name = data[nul + 1 : nul2]
+            stmt = self.statements.get(name) if name else None
+            if stmt is None:
+                return None
+            body = data[start : nul + 1] + stmt.name + data[nul2:end]
+            return self._ensure(stmt, ctx) + message(b"B", body)
+        if typ == _D:
+            if data[start] != _S or end - start < 2:
+                return None
+            name = data[start + 1 : end - 1]
+            stmt = self.statements.get(name) if name else None
+            if stmt is None:
+                return None
+            return self._ensure(stmt, ctx) + message(b"D", b"S" + stmt.name + b"\x00")
+        # Close: a client's name means nothing to the server, where Close of an unknown name
+        # succeeds, so forwarding it as is gives the client its CloseComplete in place.
+        if data[start] == _S:
+            self.statements.pop(data[start + 1 : end - 1], None)
+        ctx.batch_closes += 1
+        return None
+
+    def _query(self, sql: bytes, ctx: ServerStatements | None) -> bytes | None:
+        flags, names = classify(sql)
+        if not flags:
+            return None
+        target = deallocate_target(sql) if flags & Q_DEALLOCATE else None
+        if target == b"":
+            self.statements.clear()
+            if ctx is not None:
+                ctx.forget_all()
+        elif target is not None and ctx is not None and target in self.statements:
+            # The server knows it by a name other clients share: an empty query stands in and
+            # the backend walker answers DEALLOCATE in its place.
+            del self.statements[target]
+            ctx.open_specials.append(Special(0, 0, Fix.REPLACE, tag=b"DEALLOCATE"))
+            self._note(flags & ~Q_DEALLOCATE, names)
+            return message(b"Q", b"\x00")
+        if flags & Q_DISCARD:
+            self.statements.clear()
+            if ctx is not None:
+                ctx.forget_all()
+        self._note(flags, names)
+        return None
+
+    def _note(self, flags: int, names: list[str]) -> None:
+        if flags:
+            self.flags |= flags
+            if names:
+                self.set_names.extend(names)
+
+    def _parse(
+        self,
+        name: bytes,
+        rest: bytes,
+        flags: int,
+        ctx: ServerStatements,
+        registry: Registry,
+    ) -> bytes:
+        stmt = registry.get(rest, flags)
+        self.statements[name] = stmt
+        ordinal = ctx.batch_parses
+        if stmt.name in ctx.lru:
+            # Already prepared there: a Close of nothing stands in, its CloseComplete
+            # becomes the client's ParseComplete.
+            ctx.lru.move_to_end(stmt.name)
+            ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.AS_PARSE))
+            ctx.batch_closes += 1
+            return message(b"C", b"Ssidecar_none\x00")
+        evict = self._remember(stmt, ctx)
+        ctx.open_specials.append(Special(ord("1"), ordinal, Fix.PASS, stmt, self.statements, name))
+        ctx.batch_parses += 1
+        return evict + stmt.parse_msg
+
+    def _ensure(self, stmt: Statement, ctx: ServerStatements) -> bytes:
+        """Bytes to put before a use of `stmt`: its Parse if this server lacks it."""
+        if stmt.name in ctx.lru:
+            ctx.lru.move_to_end(stmt.name)
+            return b""
+        evict = self._remember(stmt, ctx)
+        ctx.open_specials.append(Special(ord("1"), ctx.batch_parses, Fix.SWALLOW, stmt))
+        ctx.batch_parses += 1
+        return evict + stmt.parse_msg
+
+    def _remember(self, stmt: Statement, ctx: ServerStatements) -> bytes:
+        """Add to the server's LRU; return a Close for the statement it pushes out, if any."""
+        ctx.lru[stmt.name] = None
+        if len(ctx.lru) <= ctx.cap:
+            return b""
+        old, _ = ctx.lru.popitem(last=False)
+        ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.SWALLOW))
+        ctx.batch_closes += 1
+        return message(b"C", b"S" + old + b"\x00")
+
+    def _sync_point(self, ctx: ServerStatements) -> None:
+        ctx.sent_syncs += 1
+        ctx.batch_parses = ctx.batch_closes = 0
+        if ctx.open_specials:
+            ctx.fixups[ctx.sent_syncs] = ctx.open_specials
+            ctx.open_specials = []
