@@ -7,6 +7,7 @@ error at start naming the variable, never a surprise later.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -155,6 +156,14 @@ class Settings:
     shutdown_timeout: float = 25.0
     urls: str = "DATABASE_URL"
     enabled: bool = True
+    #: Most server connections one pool opens to one instance (0 = unlimited).
+    max_per_instance: int = 0
+    #: "ip:port ip:port" DNS servers to ask instead of the system resolver (tests, debugging).
+    dns_nameservers: str = ""
+    #: Shortest time between two DNS queries for one host, whatever the TTL says.
+    dns_min_interval: float = 1.0
+    #: An address missing from DNS answers this long is dropped once it also fails a check.
+    dns_forget_after: float = 120.0
     url_style: str = "tcp"  # how the launcher exports URLs to the app: tcp or unix
 
 
@@ -261,6 +270,37 @@ def _validate(s: Settings) -> None:
         raise ConfigError("SIDECAR_MAX_CLIENT_CONN must be at least 1")
     if s.server_tls_ca_file and not os.path.isfile(s.server_tls_ca_file):
         raise ConfigError(f"SIDECAR_SERVER_TLS_CA_FILE {s.server_tls_ca_file!r} is not a file")
+    if s.dns_min_interval <= 0:
+        raise ConfigError("SIDECAR_DNS_MIN_INTERVAL must be more than 0 seconds")
+    parse_nameservers(s.dns_nameservers)
+
+
+def parse_nameservers(text: str) -> list[tuple[str, int]]:
+    """SIDECAR_DNS_NAMESERVERS ("127.0.0.1:5353 [::1]:53 10.0.0.2") as (ip, port) pairs.
+
+    The port defaults to 53; an IPv6 address with a port goes in brackets.
+    """
+    servers: list[tuple[str, int]] = []
+    for word in text.split():
+        host, port_text = word, "53"
+        if word.startswith("["):
+            host, sep, rest = word[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                host = ""
+            port_text = rest[1:] if rest else "53"
+        elif word.count(":") == 1:
+            host, _, port_text = word.partition(":")
+        try:
+            ipaddress.ip_address(host)
+            port = int(port_text)
+        except ValueError:
+            port = 0
+        if not 0 < port < 65536:
+            raise ConfigError(
+                f"SIDECAR_DNS_NAMESERVERS must be space-separated IP:PORT pairs, got {word!r}"
+            )
+        servers.append((host, port))
+    return servers
 
 
 def pools_from_args(args: list[str]) -> list[PoolConfig]:

@@ -72,7 +72,7 @@ class Proxy:
                 pool=pool.name,
                 upstream=pool.config.upstream.redacted(),
                 sslmode=pool.sslmode,
-                size=s.default_pool_size,
+                size=pool.settings.default_pool_size,
             )
 
     async def serve(self) -> None:
