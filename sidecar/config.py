@@ -132,7 +132,6 @@ class Settings:
     """Every knob, with PgBouncer's defaults unless the README argues otherwise."""
 
     port: int = 6000
-    listen_addr: str = "127.0.0.1"
     socket_dir: str = "/tmp"
     pool_mode: str = "transaction"
     default_pool_size: int = 20
@@ -144,6 +143,10 @@ class Settings:
     server_connect_timeout: float = 15.0
     server_lifetime: float = 3600.0
     server_idle_timeout: float = 600.0
+    # Before reusing a server idle this long, prove it alive (so a dead one costs no client a
+    # failed query: the client is served by another). Negative disables.
+    server_check_delay: float = 30.0
+    server_check_query: str = ""
     idle_transaction_timeout: float = 0.0
     client_idle_timeout: float = 0.0
     server_tls_sslmode: str = "require"

@@ -16,8 +16,10 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import log
+from .balancer import Instance, InstanceSet, InstanceState
 from .client import ClientConn, ClientState, setting_name
 from .config import PoolConfig, Settings
+from .instances import Discovery
 from .protocol import messages as m
 from .protocol.auth import ScramSecret
 from .protocol.errors import (
@@ -106,8 +108,15 @@ class Pool:
         # (setting, value as a client wrote it) -> value as the server reports it.
         self._canon: dict[tuple[str, str], str] = {}
         self.last_error: ServerError | None = None
-        self._backoff = 0.0
-        self._next_connect = 0.0
+        # Instances behind the upstream host: one for a plain host, several for a follower pool.
+        self.instances = InstanceSet(up.host, up.port)
+        self.discovery = Discovery(
+            up.host, up.port, settings, self.instances, on_change=self._instances_changed
+        )
+        self._rng = random.Random()
+        #: Idle-or-releasing servers to retire per instance address (rebalancing plan).
+        self._excess: dict[str, int] = {}
+        self._reported_failures: dict[str, int] = {}
         self.paused = False
         self.stats = PoolStats()
         self.registry = Registry()
@@ -149,6 +158,8 @@ class Pool:
         elif old is ServerState.CLOSED:
             raise AssertionError("a closed server never comes back")
         server.state = new
+        if new is ServerState.CLOSED and server.instance is not None:
+            server.instance.servers -= 1
         if new is ServerState.IDLE:
             server.last_used = time.monotonic()
             self.idle.append(server)
@@ -323,8 +334,17 @@ class Pool:
     def _release(self, server: ServerConn) -> None:
         """Back to idle, or straight to the next waiter; retire it if its time is over."""
         now = time.monotonic()
+        server.last_used = now
         if now >= server.expires_at:
             self.close_server(server, "server lifetime over")
+            self._fill()
+            return
+        inst = server.instance
+        if inst is not None and self._excess.get(inst.addr):
+            # Rebalancing: this instance has more than its share; its replacement goes to
+            # the least-loaded instance.
+            self._excess[inst.addr] -= 1
+            self.close_server(server, f"rebalancing away from {inst.addr}")
             self._fill()
             return
         if self.waiters and not self.paused:
@@ -340,6 +360,9 @@ class Pool:
         server.linked_at = now
         client.server = server
         sql = self._sync_sql(client.params, server.params)
+        delay = self.settings.server_check_delay
+        if sql is None and delay >= 0 and now - server.last_used > delay:
+            sql = self.settings.server_check_query  # "" is an empty query: one round trip
         if sql is None:
             client.flush_to(server)
         else:
@@ -436,6 +459,23 @@ class Pool:
         server.client = None
         self._move(server, ServerState.CLOSED)
         server.close_reason = reason
+        if client is not None and client.state is ClientState.SETUP and not client.pins:
+            # Lost before any byte of the client's went to it: serve the client elsewhere.
+            logger.info(
+                "server_lost_retry",
+                pool=self.name,
+                addr=client.addr,
+                server=f"{server.host}:{server.port}",
+                reason=reason,
+            )
+            client.server = None
+            if client.buffer:
+                client.state = ClientState.WAITING
+                client.wait_started = time.monotonic()
+                self.waiters.appendleft(client)
+            else:
+                client.state = ClientState.IDLE
+            client = None
         logger.warning(
             "server_lost",
             pool=self.name,
@@ -456,37 +496,50 @@ class Pool:
         self._fill()
 
     def _fill(self, force: int = 0) -> None:
-        """Open servers for waiting clients (and min_pool_size), within the pool's limit."""
+        """Open servers for waiting clients (and min_pool_size), within the pool's limit and
+        each instance's cap, on the healthy instance with the fewest."""
         now = time.monotonic()
-        if now < self._next_connect or (self.proxy.shutting_down and not self.waiters):
+        if self.proxy.shutting_down and not self.waiters:
             return
         if self.paused and self.defaults is not None:
             return
         want = max(len(self.waiters) + len(self.logins) - self.connecting, force - self.connecting)
         want = max(want, self.settings.min_pool_size - self.size)
         room = self._limit(now) - self.size
+        cap = self.settings.max_per_instance
         for _ in range(min(want, room)):
+            inst = self.instances.choose(cap, now, self._rng)
+            if inst is None:
+                if len(self.instances) == 0 or all(
+                    i.state is not InstanceState.UP for i in self.instances
+                ):
+                    self.discovery.request_refresh()
+                return
             # Counted now, not when the task starts, so a second _fill in this tick sees it.
+            inst.servers += 1
             self.connecting += 1
-            self._spawn(self._connect())
+            self._spawn(self._connect(inst))
 
-    async def _connect(self) -> None:
-        up = self.config.upstream
+    async def _connect(self, inst: Instance) -> None:
+        started = time.monotonic()
         try:
-            server = await open_server(self, up.host, up.port, self.server_hostname)
+            server = await open_server(self, inst.addr, inst.port, self.server_hostname)
         except ServerError as exc:
-            self.connecting -= 1
-            self._connect_failed(exc)
+            self._connect_failed(inst, exc)
             return
         except Exception as exc:  # a bug, but the pool must stay consistent
-            self.connecting -= 1
             logger.exception("server_connect_bug", pool=self.name)
             self._connect_failed(
-                ServerError(SQLCLIENT_UNABLE_TO_ESTABLISH, str(exc), retryable=True)
+                inst, ServerError(SQLCLIENT_UNABLE_TO_ESTABLISH, str(exc), retryable=True)
             )
             return
-        # Counted by `connecting` while opening (state CONNECTING); from here _move keeps the books.
-        self._backoff = 0.0
+        now = time.monotonic()
+        # Counted by `connecting` and inst.servers while opening; from here _move keeps books.
+        server.instance = inst
+        before = inst.state
+        self.instances.success(inst, now, 1000.0 * (now - started))
+        if before is InstanceState.QUARANTINED:
+            logger.info("instance_up", pool=self.name, instance=inst.addr)
         self.last_error = None
         if self.defaults is None:
             self.defaults = {k: v for k, v in server.params.items()}
@@ -504,14 +557,19 @@ class Pool:
                 client.finish_login()
         self._release(server)
 
-    def _connect_failed(self, exc: ServerError) -> None:
+    def _connect_failed(self, inst: Instance, exc: ServerError) -> None:
+        self.connecting -= 1
+        inst.servers -= 1
         self.last_error = exc
+        self.instances.failure(inst, time.monotonic(), str(exc), self._rng)
         logger.warning(
             "server_connect_failed",
             pool=self.name,
+            instance=inst.addr,
             sqlstate=exc.sqlstate,
             error=str(exc),
             retryable=exc.retryable,
+            instance_state=inst.state.name.lower(),
         )
         if not exc.retryable:
             # Configuration is wrong (auth, TLS): waiting will not help anyone.
@@ -519,8 +577,40 @@ class Pool:
                 client.fail(exc.sqlstate, str(exc), reason="server login failed")
             self.logins.clear()
             self.waiters.clear()
-        self._backoff = min(max(self._backoff * 2, 0.25), 15.0)
-        self._next_connect = time.monotonic() + self._backoff * (0.5 + random.random() / 2)
+        # Another instance may have room: clients should not wait for a quarantined one.
+        self._fill()
+
+    # -- instances -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Find the instances behind the upstream host (the first answer is enough)."""
+        await self.discovery.start()
+        self._instances_changed()
+
+    async def stop(self) -> None:
+        await self.discovery.stop()
+
+    def _instances_changed(self) -> None:
+        """An instance joined, left, failed or came back: replan the spread, serve waiters."""
+        self._rebalance()
+        self._fill()
+
+    def _rebalance(self) -> None:
+        self._excess = self.instances.excess(self.settings.max_per_instance)
+        if not self._excess:
+            return
+        for server in list(self.idle):
+            inst = server.instance
+            if inst is not None and self._excess.get(inst.addr):
+                self._excess[inst.addr] -= 1
+                self.close_server(server, f"rebalancing away from {inst.addr}")
+
+    def _probe(self) -> None:
+        for inst in self.instances.probe_due(time.monotonic()):
+            self._spawn(self._probe_one(inst))
+
+    async def _probe_one(self, inst: Instance) -> None:
+        await self.discovery.probe(inst)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -542,13 +632,34 @@ class Pool:
         }
 
     def instance_lines(self) -> list[dict[str, object]]:
-        return []
+        """One stats line's fields per instance (failures counted since the last line)."""
+        lines: list[dict[str, object]] = []
+        cap = self.settings.max_per_instance
+        for row in self.instances.snapshot(time.monotonic(), cap):
+            total = row["connect_failures"]
+            failures = total - self._reported_failures.get(row["addr"], 0)
+            self._reported_failures[row["addr"]] = total
+            line: dict[str, object] = {
+                "instance": row["addr"],
+                "state": row["state"],
+                "sample#servers": row["servers"],
+                "sample#cap": cap,
+            }
+            if row["connect_ms"] is not None:
+                line["sample#connect_ms"] = row["connect_ms"]
+            line["count#connect_failures"] = failures
+            if row["last_error"]:
+                line["last_error"] = row["last_error"]
+            lines.append(line)
+        return lines
 
     # -- janitor -------------------------------------------------------------------------------
 
     def maintain(self, now: float) -> None:
-        """Periodic work: timeouts, lifetimes, min pool size, retries."""
+        """Periodic work: timeouts, lifetimes, probes, rebalancing, min pool size, retries."""
         s = self.settings
+        self._probe()
+        self._rebalance()
         for client in [*self.waiters, *self.logins]:
             if s.query_wait_timeout and now - client.wait_started >= s.query_wait_timeout:
                 if self.last_error is not None and self.size == 0:

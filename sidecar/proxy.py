@@ -21,6 +21,8 @@ from .server import send_cancel
 logger = log.get()
 
 JANITOR_PERIOD = 0.5
+# Only this dyno's processes may reach the pool, whatever PORT or other settings say.
+LISTEN_ADDR = "127.0.0.1"
 
 
 class Proxy:
@@ -44,7 +46,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         s = self.settings
         tcp = await loop.create_server(
-            lambda: ClientConn(self), s.listen_addr, s.port, reuse_address=True, backlog=4096
+            lambda: ClientConn(self), LISTEN_ADDR, s.port, reuse_address=True, backlog=4096
         )
         self._servers.append(tcp)
         if s.socket_dir:
@@ -57,11 +59,14 @@ class Proxy:
             # Only this dyno's own user may talk to the pool.
             os.chmod(self.socket_path, 0o600)
             self._servers.append(unix)
+        for pool in self.pools.values():
+            # Listening first: a client arriving before DNS answers just waits for it.
+            self._spawn(pool.start())
         self._spawn(self._janitor())
         self._spawn(stats.reporter(self))
         logger.info(
             "listening",
-            addr=f"{s.listen_addr}:{s.port}",
+            addr=f"{LISTEN_ADDR}:{s.port}",
             socket=self.socket_path or None,
             pool_mode=s.pool_mode,
             pools=",".join(self.pools),
@@ -117,6 +122,7 @@ class Proxy:
             )
         for pool in self.pools.values():
             pool.close_all("shutdown")
+            await pool.stop()
         for srv in self._servers:
             srv.close()
         if self.socket_path:

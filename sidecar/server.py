@@ -29,6 +29,7 @@ from .protocol.errors import (
 from .protocol.statements import ServerStatements
 
 if TYPE_CHECKING:
+    from .balancer import Instance
     from .client import ClientConn
     from .pool import Pool
 
@@ -112,6 +113,8 @@ class ServerConn(asyncio.Protocol):
         self.linked_at = now
         self.expires_at = now + pool.settings.server_lifetime * (1.0 - 0.2 * random.random())
         self.close_reason = ""
+        #: The instance it runs on (set once connected; its `servers` count includes us).
+        self.instance: Instance | None = None
         self.tls = False
         self.fatal_seen = False
         # Message mode (handshake, internal queries): a buffer and a waiter instead of forwarding.
