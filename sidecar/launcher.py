@@ -32,7 +32,7 @@ from urllib.parse import quote
 from . import log
 from .__main__ import run_loop
 from .config import ConfigError, PoolConfig, Settings, _convert, load_settings, pools_from_env
-from .proxy import Proxy
+from .proxy import LISTEN_ADDR, Proxy
 from .yamlconfig import apply_file
 
 T = TypeVar("T")
@@ -54,15 +54,6 @@ logger = log.get()
 # -- what the app sees ------------------------------------------------------------------------
 
 
-def _url_host(listen_addr: str) -> str:
-    """Where the app connects for a given listen address (a wildcard listens on loopback too)."""
-    if listen_addr in ("", "*", "0.0.0.0"):
-        return "127.0.0.1"
-    if listen_addr == "::":
-        return "[::1]"
-    return f"[{listen_addr}]" if ":" in listen_addr else listen_addr
-
-
 def local_url(pool: PoolConfig, settings: Settings, *, with_password: bool = True) -> str:
     """The URL the app gets for `pool`: same user and password, the proxy as host.
 
@@ -76,10 +67,7 @@ def local_url(pool: PoolConfig, settings: Settings, *, with_password: bool = Tru
     auth = quote(up.user, safe="")
     if with_password and up.password:
         auth += ":" + quote(up.password, safe="")
-    if settings.url_style == "unix":
-        host = quote(settings.socket_dir, safe="")
-    else:
-        host = _url_host(settings.listen_addr)
+    host = quote(settings.socket_dir, safe="") if settings.url_style == "unix" else LISTEN_ADDR
     return f"postgres://{auth}@{host}:{settings.port}/{quote(pool.name, safe='')}"
 
 
