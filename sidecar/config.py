@@ -148,6 +148,9 @@ class Settings:
     server_check_delay: float = 30.0
     server_check_query: str = ""
     idle_transaction_timeout: float = 0.0
+    # A query running longer is cancelled and its client disconnected (0: no limit). Also what
+    # frees a client from a server that stalled mid-query.
+    query_timeout: float = 0.0
     client_idle_timeout: float = 0.0
     server_tls_sslmode: str = "require"
     server_tls_ca_file: str = ""

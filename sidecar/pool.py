@@ -26,6 +26,7 @@ from .protocol.errors import (
     CONNECTION_FAILURE,
     IDLE_IN_TRANSACTION_TIMEOUT,
     IDLE_SESSION_TIMEOUT,
+    QUERY_CANCELED,
     SQLCLIENT_UNABLE_TO_ESTABLISH,
     TOO_MANY_CONNECTIONS,
 )
@@ -443,6 +444,7 @@ class Pool:
             backend_pid=server.pid,
             reason=reason,
         )
+        client = self._requeue(client, server, reason)
         if client is not None:
             client.server = None
             client.fail(
@@ -450,6 +452,30 @@ class Pool:
                 f"server connection closed: {reason}",
                 reason=f"server closed: {reason}",
             )
+        self._fill()
+
+    def _requeue(
+        self, client: ClientConn | None, server: ServerConn, reason: str
+    ) -> ClientConn | None:
+        """A server went away while its client's bytes were still held back (link setup):
+        serve the client elsewhere. Returns the client if it must be told instead."""
+        if client is None or client.state is not ClientState.SETUP or client.pins:
+            return client
+        logger.info(
+            "server_lost_retry",
+            pool=self.name,
+            addr=client.addr,
+            server=f"{server.host}:{server.port}",
+            reason=reason,
+        )
+        client.server = None
+        if client.buffer:
+            client.state = ClientState.WAITING
+            client.wait_started = time.monotonic()
+            self.waiters.appendleft(client)
+        else:
+            client.state = ClientState.IDLE
+        return None
 
     def server_lost(self, server: ServerConn, reason: str) -> None:
         """The server's transport closed under us (crash, terminate, network)."""
@@ -459,23 +485,7 @@ class Pool:
         server.client = None
         self._move(server, ServerState.CLOSED)
         server.close_reason = reason
-        if client is not None and client.state is ClientState.SETUP and not client.pins:
-            # Lost before any byte of the client's went to it: serve the client elsewhere.
-            logger.info(
-                "server_lost_retry",
-                pool=self.name,
-                addr=client.addr,
-                server=f"{server.host}:{server.port}",
-                reason=reason,
-            )
-            client.server = None
-            if client.buffer:
-                client.state = ClientState.WAITING
-                client.wait_started = time.monotonic()
-                self.waiters.appendleft(client)
-            else:
-                client.state = ClientState.IDLE
-            client = None
+        client = self._requeue(client, server, reason)
         logger.warning(
             "server_lost",
             pool=self.name,
@@ -684,6 +694,22 @@ class Pool:
                 and self.size > keep
             ):
                 self.close_server(server, "server idle timeout")
+        if s.query_timeout:
+            for server in list(self.active):
+                holder = server.client
+                if (
+                    holder is not None
+                    and server.pending
+                    and now - server.query_start >= s.query_timeout
+                ):
+                    server.client = None
+                    holder.server = None
+                    holder.fail(
+                        QUERY_CANCELED,
+                        "canceling statement due to query_timeout",
+                        reason="query_timeout",
+                    )
+                    self.close_server(server, "query_timeout")
         if s.idle_transaction_timeout or s.client_idle_timeout:
             for server in list(self.active):
                 holder = server.client

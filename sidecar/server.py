@@ -21,6 +21,7 @@ from .protocol.auth import AuthError, ScramClient, md5_password_response
 from .protocol.backend import Backend
 from .protocol.errors import (
     CANNOT_CONNECT_NOW,
+    CONNECTION_FAILURE,
     PROTOCOL_VIOLATION,
     SQLCLIENT_UNABLE_TO_ESTABLISH,
     TOO_MANY_CONNECTIONS,
@@ -60,10 +61,17 @@ class ServerError(Exception):
 _RETRYABLE_STATES = {TOO_MANY_CONNECTIONS, CANNOT_CONNECT_NOW, "57P01", "57P02", "08006"}
 
 
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
+def set_nodelay(transport: asyncio.BaseTransport, *, keepalive: bool = False) -> None:
+    """TCP_NODELAY (latency over batching); keepalive probes towards servers, so a peer that
+    vanished (failover, a dropped NAT entry) is noticed within about a minute."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+                if hasattr(socket, name):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def make_ssl_context(sslmode: str, ca_file: str | None) -> ssl.SSLContext | None:
@@ -128,7 +136,7 @@ class ServerConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        set_nodelay(self.transport)
+        set_nodelay(self.transport, keepalive=True)
 
     def data_received(self, data: bytes) -> None:
         inbuf = self._inbuf
@@ -292,9 +300,20 @@ class ServerConn(asyncio.Protocol):
     async def query_internal(
         self, sql: str
     ) -> tuple[dict[str, str] | None, list[list[str | None]]]:
-        """Run one simple query of the proxy's own: (first error's fields or None, text rows)."""
+        """Run one simple query of the proxy's own: (first error's fields or None, text rows).
+
+        A server that does not answer within server_connect_timeout is closed (ServerError).
+        """
         self.enter_message_mode()
         self.write(m.query(sql))
+        try:
+            async with asyncio.timeout(self.pool.settings.server_connect_timeout or None):
+                return await self._internal_answer()
+        except TimeoutError:
+            self.pool.close_server(self, "no answer to the proxy's own query (server stalled)")
+            raise ServerError(CONNECTION_FAILURE, "server stalled", retryable=True) from None
+
+    async def _internal_answer(self) -> tuple[dict[str, str] | None, list[list[str | None]]]:
         error: dict[str, str] | None = None
         rows: list[list[str | None]] = []
         while True:

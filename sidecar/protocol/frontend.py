@@ -71,6 +71,14 @@ _DEALLOCATE = re.compile(
 )
 
 
+def _nul(data: bytes, start: int, end: int) -> int:
+    """End of the NUL-terminated string at `start` within one message."""
+    nul = data.find(b"\x00", start, end)
+    if nul < 0:
+        raise ProtocolError("invalid string in message")
+    return nul
+
+
 def classify(sql: bytes) -> tuple[int, list[str]]:
     """(Q_* flags, names of settings SET/RESET) for a query text; cheap when nothing matches."""
     if _ANY.search(sql) is None:
@@ -265,7 +273,7 @@ class Frontend:
         if typ == _Q:
             return self._query(data[start : end - 1], ctx)
         if typ == _P:
-            nul = data.index(b"\x00", start, end)
+            nul = _nul(data, start, end)
             name = data[start:nul]
             flags, names = classify(data[nul + 1 : data.find(b"\x00", nul + 1, end)])
             self._note(flags, names)
@@ -278,8 +286,8 @@ class Frontend:
         if ctx is None:
             return None
         if typ == _B:
-            nul = data.index(b"\x00", start, end)  # end of the portal name
-            nul2 = data.index(b"\x00", nul + 1, end)
+            nul = _nul(data, start, end)  # end of the portal name
+            nul2 = _nul(data, nul + 1, end)
             name = data[nul + 1 : nul2]
             stmt = self.statements.get(name) if name else None
             if stmt is None:
@@ -287,7 +295,7 @@ class Frontend:
             body = data[start : nul + 1] + stmt.name + data[nul2:end]
             return self._ensure(stmt, ctx) + message(b"B", body)
         if typ == _D:
-            if data[start] != _S or end - start < 2:
+            if end - start < 2 or data[start] != _S:
                 return None
             name = data[start + 1 : end - 1]
             stmt = self.statements.get(name) if name else None
@@ -296,7 +304,7 @@ class Frontend:
             return self._ensure(stmt, ctx) + message(b"D", b"S" + stmt.name + b"\x00")
         # Close: a client's name means nothing to the server, where Close of an unknown name
         # succeeds, so forwarding it as is gives the client its CloseComplete in place.
-        if data[start] == _S:
+        if end - start >= 2 and data[start] == _S:
             self.statements.pop(data[start + 1 : end - 1], None)
         ctx.batch_closes += 1
         return None
