@@ -615,11 +615,12 @@ class Console:
             oldest = min((c.wait_started for c in waiting), default=now)
             maxwait = max(now - oldest, 0.0)
             gauges = pool.gauges()
+            clients = self._pool_clients(pool)
             rows.append(
                 {
                     "database": pool.name,
                     "user": pool.config.upstream.user,
-                    "cl_active": sum(c.state in _CL_ACTIVE for c in self._pool_clients(pool)),
+                    "cl_active": sum(c.state in _CL_ACTIVE for c in clients),
                     "cl_waiting": len(waiting),
                     "sv_active": len(pool.active),
                     "sv_idle": len(pool.idle),
@@ -633,7 +634,7 @@ class Console:
                         "servers.max",
                         pool.settings.default_pool_size + pool.settings.reserve_pool_size,
                     ),
-                    "cl_pinned": 0,
+                    "cl_pinned": sum(bool(getattr(c, "pins", None)) for c in clients),
                 }
             )
         return rows
@@ -1040,6 +1041,8 @@ class AdminSession:
         self._flush()
 
     def _dispatch(self, typ: int, body: bytes) -> None:
+        if self._skip_to_sync and typ not in (_S, _X):
+            return  # after an error in an extended-protocol batch: everything up to its Sync
         if typ == _X:
             self._flush()
             self.client.close("client close request")
@@ -1050,8 +1053,6 @@ class AdminSession:
             self._portals.clear()  # the implicit transaction ends; portals with it
             self._ready()
         elif typ in _EXTENDED:
-            if self._skip_to_sync:
-                return
             try:
                 _EXTENDED[typ](self, body)
             except AdminError as exc:
