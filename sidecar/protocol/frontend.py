@@ -30,6 +30,8 @@ _H = ord("H")
 _SYNC_POINTS = b"QSFXdcf"
 _INSPECT = b"QPBDC"
 _REQUESTS = b"QSF"
+_COPY_WATCH = b"ESdcf"
+_EXECUTE = ord("E")
 
 # What a query does to the session (bit flags).
 Q_ADVISORY = 1  #: takes a session-level advisory lock
@@ -154,6 +156,8 @@ class Frontend:
     """Walks one client's stream; holds back incomplete messages it needs whole."""
 
     __slots__ = (
+        "_after_exec",
+        "_exec_syncs",
         "_held",
         "_skip",
         "_skip_type",
@@ -169,6 +173,9 @@ class Frontend:
         self.inspect = inspect
         self._skip = 0
         self._skip_type = 0
+        # Syncs sent since an Execute, while it may have started a COPY FROM STDIN.
+        self._after_exec = False
+        self._exec_syncs = 0
         self._held = b""
         #: The bytes sent end inside an extended-protocol batch (no Sync yet).
         self.dirty_tail = False
@@ -241,6 +248,24 @@ class Frontend:
                 requests += 1
                 if ctx is not None:
                     self._sync_point(ctx)
+            if typ in _COPY_WATCH:
+                if typ == _EXECUTE:
+                    self._exec_syncs = 0
+                    self._after_exec = True
+                elif typ == _S:
+                    if self._after_exec:
+                        self._exec_syncs += 1
+                elif self._exec_syncs:
+                    # That Execute started a COPY FROM STDIN: PostgreSQL ignores Syncs in
+                    # copy-in mode, so they get no ReadyForQuery (libpq sends one anyway).
+                    requests -= self._exec_syncs
+                    if ctx is not None:
+                        self._unsync(ctx, self._exec_syncs)
+                    self._exec_syncs = 0
+                    self._after_exec = False
+            elif self._after_exec:
+                self._after_exec = False
+                self._exec_syncs = 0
             if end > n:  # only uninspected messages get here incomplete: stream them
                 self._skip = end - n
                 self._skip_type = last = typ
@@ -380,6 +405,13 @@ class Frontend:
         ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.SWALLOW))
         ctx.batch_closes += 1
         return message(b"C", b"S" + old + b"\x00")
+
+    def _unsync(self, ctx: ServerStatements, count: int) -> None:
+        """Take back the last `count` sync points: their batch goes on to the next one."""
+        for _ in range(count):
+            merged = ctx.fixups.pop(ctx.sent_syncs, [])
+            ctx.open_specials[:0] = merged
+            ctx.sent_syncs -= 1
 
     def _sync_point(self, ctx: ServerStatements) -> None:
         ctx.sent_syncs += 1
