@@ -326,6 +326,9 @@ class ServerConn(asyncio.Protocol):
                 self.params[name] = value
             elif typ == ord("D"):
                 rows.append(m.parse_data_row(body))
+            elif typ == ord("A") and self.client is not None:
+                # A NOTIFY for a pinned LISTEN client, arriving during our own query.
+                self.client.transport_write(m.message(b"A", body))
             elif typ == ord("E") and error is None:
                 error = m.parse_error_fields(body)
         self.enter_data_mode()
