@@ -74,6 +74,11 @@ PIN_CHECK_REASONS = (
 )
 
 
+# A client waiting longer than this for a server is worth a warning line.
+SLOW_WAIT = 1.0
+WARN_EVERY = 10.0
+
+
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -118,6 +123,7 @@ class Pool:
         #: Idle-or-releasing servers to retire per instance address (rebalancing plan).
         self._excess: dict[str, int] = {}
         self._reported_failures: dict[str, int] = {}
+        self._warned: dict[str, float] = {}
         self.paused = False
         self.stats = PoolStats()
         self.registry = Registry()
@@ -355,7 +361,19 @@ class Pool:
 
     def _link(self, client: ClientConn, server: ServerConn) -> None:
         now = time.monotonic()
-        self.stats.waited(now - client.wait_started if client.state is ClientState.WAITING else 0.0)
+        if client.state is ClientState.WAITING:
+            waited = now - client.wait_started
+            self.stats.waited(waited)
+            if waited > SLOW_WAIT and self._may_warn("slow_wait", now):
+                logger.warning(
+                    "slow_wait",
+                    pool=self.name,
+                    wait_ms=round(1000 * waited),
+                    clients_waiting=len(self.waiters),
+                    hint="pool too small for the load, or long transactions",
+                )
+        else:
+            self.stats.waited(0.0)
         self._move(server, ServerState.ACTIVE)
         server.client = client
         server.linked_at = now
@@ -516,6 +534,13 @@ class Pool:
         want = max(len(self.waiters) + len(self.logins) - self.connecting, force - self.connecting)
         want = max(want, self.settings.min_pool_size - self.size)
         room = self._limit(now) - self.size
+        if room <= 0 and self.waiters and self._may_warn("pool_full", now):
+            logger.warning(
+                "pool_full",
+                pool=self.name,
+                servers=self.size,
+                clients_waiting=len(self.waiters),
+            )
         cap = self.settings.max_per_instance
         for _ in range(min(want, room)):
             inst = self.instances.choose(cap, now, self._rng)
@@ -571,7 +596,16 @@ class Pool:
         self.connecting -= 1
         inst.servers -= 1
         self.last_error = exc
+        before = inst.state
         self.instances.failure(inst, time.monotonic(), str(exc), self._rng)
+        if inst.state is not before and inst.state is InstanceState.QUARANTINED:
+            logger.warning(
+                "instance_quarantined",
+                pool=self.name,
+                instance=inst.addr,
+                retry_in_s=round(max(inst.quarantine_until - time.monotonic(), 0.0), 1),
+                error=str(exc),
+            )
         logger.warning(
             "server_connect_failed",
             pool=self.name,
@@ -589,6 +623,13 @@ class Pool:
             self.waiters.clear()
         # Another instance may have room: clients should not wait for a quarantined one.
         self._fill()
+
+    def _may_warn(self, what: str, now: float) -> bool:
+        """At most one warning of a kind per WARN_EVERY seconds per pool: no log floods."""
+        if now - self._warned.get(what, -WARN_EVERY) < WARN_EVERY:
+            return False
+        self._warned[what] = now
+        return True
 
     # -- instances -----------------------------------------------------------------------------
 
