@@ -119,6 +119,8 @@ class ClientConn(asyncio.Protocol):
         self.addr = ""
         # What this client's session should look like on any server: reported params and SETs.
         self.params: dict[str, str] = {}
+        #: The settings of its startup packet: what RESET ALL / DISCARD ALL go back to.
+        self.startup_params: dict[str, str] = {}
         self.pid = 0
         self.secret = 0
         self.frontend = Frontend(inspect=False)
@@ -410,6 +412,7 @@ class ClientConn(asyncio.Protocol):
             return
         wanted = self.pool.canonical(self.params)
         self.params = wanted
+        self.startup_params = dict(wanted)
         shown = dict(self.pool.defaults or {})
         shown.update((k, v) for k, v in wanted.items() if k in shown)
         out = [m.parameter_status(k, v) for k, v in shown.items()]

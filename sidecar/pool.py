@@ -280,14 +280,16 @@ class Pool:
         frontend.flags, frontend.set_names = 0, []
         defaults = self.defaults or {}
         if flags & Q_DISCARD:
-            client.pins.clear()
+            # Whether DISCARD ALL ran (it fails inside a transaction block) is for the pin
+            # check below to tell, not for the query text.
             self._discarded(client.params)
             self._discarded(server.params)
         if "all" in names:  # RESET ALL
             self._discarded(client.params)
             self._discarded(server.params)
+        reset_all = bool(flags & Q_DISCARD) or "all" in names
         names = sorted({n for n in names if n != "all" and setting_name(n) not in defaults})
-        check_pins = bool(flags & PIN_FLAGS or client.pins)
+        check_pins = bool(flags & (PIN_FLAGS | Q_DISCARD) or client.pins)
         columns = list(PIN_CHECKS) if check_pins else []
         columns += [f"pg_catalog.current_setting({_literal(n)}, true)" for n in names]
         rows: list[list[str | None]] = []
@@ -315,6 +317,29 @@ class Pool:
             server.client = None
             self._retire_session(client, server, "client left")
             return
+        if reset_all and client.startup_params:
+            # The session's reset values are the client's startup settings, not the ones
+            # the proxy's server connection started with: put them back.
+            client.params.update(client.startup_params)
+            sql = self._sync_sql(client.params, server.params)
+            if sql is not None:
+                try:
+                    error, _rows = await server.query_internal(sql)
+                except ServerError:
+                    return
+                if error is not None:
+                    self.close_server(server, f"restoring startup settings failed: {error}")
+                    return
+                for key, value in client.params.items():
+                    if key not in defaults:
+                        server.params[key] = value
+            client.transport_write(
+                b"".join(
+                    m.parameter_status(k, v)
+                    for k, v in client.startup_params.items()
+                    if k in defaults
+                )
+            )
         if pins:
             if pins != client.pins:
                 logger.info(
@@ -673,8 +698,10 @@ class Pool:
     def gauges(self) -> dict[str, int]:
         """Right-now figures for the stats line and the admin console."""
         linked = sum(1 for s in self.active if s.client is not None)
+        pinned = sum(1 for s in self.active if s.client is not None and s.client.pins)
         return {
             "clients.active": linked,
+            "clients.pinned": pinned,
             "clients.waiting": len(self.waiters) + len(self.logins),
             "servers.active": len(self.active),
             "servers.idle": len(self.idle),

@@ -134,7 +134,9 @@ class Backend:
                 self.xacts += 1
             if ctx is None:
                 return None
-            return self._ready(ctx)
+            repl = self._ready(ctx)
+            # A stand-in's CommandComplete goes before the ReadyForQuery, which always passes.
+            return None if repl is None else repl + data[pos:end]
         if typ == _S:
             if self.params is None:
                 self.params = []
@@ -145,6 +147,13 @@ class Backend:
             body = data[pos + 5 : end]
             if b"SFATAL\x00" in body or b"SPANIC\x00" in body:
                 self.fatal = True
+            if ctx is not None and b"C0A000\x00" in body:
+                # "cached plan must not change result type": the next Parse of these texts
+                # must make a fresh statement, not reuse the proxy's.
+                batch = ctx.recv_z + 1
+                bound = ctx.binds.get(batch) if batch <= ctx.sent_syncs else ctx.open_binds
+                for stmt in bound or ():
+                    stmt.stale = True
             if ctx is not None and ctx.fixups and self._replacing(ctx):
                 return b""  # the stand-in's error would not be the client's
             return None
@@ -188,6 +197,8 @@ class Backend:
         """ReadyForQuery ends a batch: settle its specials."""
         ctx.recv_z += 1
         self._batch_parses = self._batch_closes = 0
+        if ctx.binds:
+            ctx.binds.pop(ctx.recv_z, None)
         specials = ctx.fixups.pop(ctx.recv_z, None) if ctx.fixups else None
         if not specials:
             return None

@@ -157,6 +157,7 @@ class Frontend:
 
     __slots__ = (
         "_after_exec",
+        "_effects",
         "_exec_syncs",
         "_held",
         "_skip",
@@ -184,6 +185,9 @@ class Frontend:
         #: Q_* flags seen since the caller last cleared them, and settings SET meanwhile.
         self.flags = 0
         self.set_names: list[str] = []
+        # Client statement name (b"" for the unnamed one) -> what running it does to the
+        # session: (Q_* flags, settings SET, drops every prepared statement).
+        self._effects: dict[bytes, tuple[int, list[str], bool]] = {}
 
     @property
     def holding(self) -> bool:
@@ -300,25 +304,41 @@ class Frontend:
         if typ == _P:
             nul = _nul(data, start, end)
             name = data[start:nul]
-            flags, names = classify(data[nul + 1 : data.find(b"\x00", nul + 1, end)])
+            text = data[nul + 1 : data.find(b"\x00", nul + 1, end)]
+            flags, names = classify(text)
             self._note(flags, names)
+            if flags:
+                # Noted again each time it runs (Bind): a prepare can come batches earlier.
+                forgets = bool(flags & Q_DISCARD) or (
+                    bool(flags & Q_DEALLOCATE) and deallocate_target(text) == b""
+                )
+                self._effects[name] = (flags, names, forgets)
+            elif self._effects:
+                self._effects.pop(name, None)
             if ctx is None or registry is None:
                 return None
             if not name:
                 ctx.batch_parses += 1
                 return None
             return self._parse(name, data[nul + 1 : end], flags, ctx, registry)
-        if ctx is None:
-            return None
         if typ == _B:
             nul = _nul(data, start, end)  # end of the portal name
             nul2 = _nul(data, nul + 1, end)
             name = data[nul + 1 : nul2]
-            stmt = self.statements.get(name) if name else None
-            if stmt is None:
-                return None
-            body = data[start : nul + 1] + stmt.name + data[nul2:end]
-            return self._ensure(stmt, ctx) + message(b"B", body)
+            effects = self._effects.get(name) if self._effects else None
+            stmt = self.statements.get(name) if name and ctx is not None else None
+            repl = None
+            if stmt is not None and ctx is not None:
+                body = data[start : nul + 1] + stmt.name + data[nul2:end]
+                repl = self._ensure(stmt, ctx) + message(b"B", body)
+                ctx.open_binds.append(stmt)
+            if effects is not None:
+                self._ran(effects, ctx)
+            return repl
+        if ctx is None:
+            if typ == _C and end - start >= 2 and data[start] == _S and self._effects:
+                self._effects.pop(data[start + 1 : end - 1], None)
+            return None
         if typ == _D:
             if end - start < 2 or data[start] != _S:
                 return None
@@ -331,8 +351,20 @@ class Frontend:
         # succeeds, so forwarding it as is gives the client its CloseComplete in place.
         if end - start >= 2 and data[start] == _S:
             self.statements.pop(data[start + 1 : end - 1], None)
+            self._effects.pop(data[start + 1 : end - 1], None)
         ctx.batch_closes += 1
         return None
+
+    def _ran(self, effects: tuple[int, list[str], bool], ctx: ServerStatements | None) -> None:
+        """A statement with session effects is bound: it runs in this batch."""
+        flags, names, forgets = effects
+        self._note(flags, names)
+        if forgets:
+            # DEALLOCATE ALL / DISCARD ALL: the server drops every prepared statement.
+            self.statements.clear()
+            self._effects.clear()
+            if ctx is not None:
+                ctx.forget_all()
 
     def _query(self, sql: bytes, ctx: ServerStatements | None) -> bytes | None:
         flags, names = classify(sql)
@@ -341,17 +373,20 @@ class Frontend:
         target = deallocate_target(sql) if flags & Q_DEALLOCATE else None
         if target == b"":
             self.statements.clear()
+            self._effects.clear()
             if ctx is not None:
                 ctx.forget_all()
         elif target is not None and ctx is not None and target in self.statements:
             # The server knows it by a name other clients share: an empty query stands in and
             # the backend walker answers DEALLOCATE in its place.
             del self.statements[target]
+            self._effects.pop(target, None)
             ctx.open_specials.append(Special(0, 0, Fix.REPLACE, tag=b"DEALLOCATE"))
             self._note(flags & ~Q_DEALLOCATE, names)
             return message(b"Q", b"\x00")
         if flags & Q_DISCARD:
             self.statements.clear()
+            self._effects.clear()
             if ctx is not None:
                 ctx.forget_all()
         self._note(flags, names)
@@ -381,7 +416,7 @@ class Frontend:
             ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.AS_PARSE))
             ctx.batch_closes += 1
             return message(b"C", b"Ssidecar_none\x00")
-        evict = self._remember(stmt, ctx)
+        evict = self._remember(stmt, ctx) + self._unprepare(stmt, ctx)
         ctx.open_specials.append(Special(ord("1"), ordinal, Fix.PASS, stmt, self.statements, name))
         ctx.batch_parses += 1
         return evict + stmt.parse_msg
@@ -391,10 +426,19 @@ class Frontend:
         if stmt.name in ctx.lru:
             ctx.lru.move_to_end(stmt.name)
             return b""
-        evict = self._remember(stmt, ctx)
+        evict = self._remember(stmt, ctx) + self._unprepare(stmt, ctx)
         ctx.open_specials.append(Special(ord("1"), ctx.batch_parses, Fix.SWALLOW, stmt))
         ctx.batch_parses += 1
         return evict + stmt.parse_msg
+
+    def _unprepare(self, stmt: Statement, ctx: ServerStatements) -> bytes:
+        """A Close of `stmt` right before the proxy prepares it. The LRU can believe a
+        statement absent that the server still has (an eviction Close or a DISCARD ALL the
+        server skipped after an error); Close of an absent name succeeds, so the Parse that
+        follows never fails with 42P05."""
+        ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.SWALLOW))
+        ctx.batch_closes += 1
+        return message(b"C", b"S" + stmt.name + b"\x00")
 
     def _remember(self, stmt: Statement, ctx: ServerStatements) -> bytes:
         """Add to the server's LRU; return a Close for the statement it pushes out, if any."""
@@ -411,6 +455,7 @@ class Frontend:
         for _ in range(count):
             merged = ctx.fixups.pop(ctx.sent_syncs, [])
             ctx.open_specials[:0] = merged
+            ctx.open_binds[:0] = ctx.binds.pop(ctx.sent_syncs, [])
             ctx.sent_syncs -= 1
 
     def _sync_point(self, ctx: ServerStatements) -> None:
@@ -419,3 +464,6 @@ class Frontend:
         if ctx.open_specials:
             ctx.fixups[ctx.sent_syncs] = ctx.open_specials
             ctx.open_specials = []
+        if ctx.open_binds:
+            ctx.binds[ctx.sent_syncs] = ctx.open_binds
+            ctx.open_binds = []

@@ -21,12 +21,14 @@ from .messages import message
 class Statement:
     """One distinct (query, parameter types) under its proxy-wide name."""
 
-    __slots__ = ("confirmed", "flags", "name", "parse_msg")
+    __slots__ = ("confirmed", "flags", "name", "parse_msg", "stale")
 
     def __init__(self, name: bytes, rest: bytes, flags: int) -> None:
         self.name = name
         #: Some server has parsed it successfully.
         self.confirmed = False
+        #: A server said its plan no longer fits (0A000 after DDL): new Parses get a new name.
+        self.stale = False
         # The Parse a server gets when it lacks this statement: server name + client's body.
         self.parse_msg = message(b"P", name + b"\x00" + rest)
         #: What the query text does to the session (see frontend.Q_* flags).
@@ -45,7 +47,7 @@ class Registry:
     def get(self, rest: bytes, flags: int) -> Statement:
         """`rest` is a Parse body after the statement name: query, parameter types."""
         stmt = self._by_key.get(rest)
-        if stmt is None:
+        if stmt is None or stmt.stale:
             self._next += 1
             stmt = Statement(b"sidecar_%d" % self._next, rest, flags)
             self._by_key[rest] = stmt
@@ -54,7 +56,7 @@ class Registry:
     def known(self, rest: bytes) -> Statement | None:
         """The statement for this text if a server has already accepted it."""
         stmt = self._by_key.get(rest)
-        return stmt if stmt is not None and stmt.confirmed else None
+        return stmt if stmt is not None and stmt.confirmed and not stmt.stale else None
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -100,9 +102,11 @@ class ServerStatements:
     __slots__ = (
         "batch_closes",
         "batch_parses",
+        "binds",
         "cap",
         "fixups",
         "lru",
+        "open_binds",
         "open_specials",
         "recv_z",
         "sent_syncs",
@@ -120,6 +124,9 @@ class ServerStatements:
         self.batch_closes = 0
         self.open_specials: list[Special] = []
         self.fixups: dict[int, list[Special]] = {}
+        # Statements bound per batch, as fixups: the culprits if the server reports a stale plan.
+        self.open_binds: list[Statement] = []
+        self.binds: dict[int, list[Statement]] = {}
 
     def reset_tracking(self) -> None:
         """The connection is back in step (fresh, or after an internal query)."""
@@ -127,6 +134,8 @@ class ServerStatements:
         self.batch_parses = self.batch_closes = 0
         self.open_specials.clear()
         self.fixups.clear()
+        self.open_binds.clear()
+        self.binds.clear()
 
     def forget_all(self) -> None:
         """DEALLOCATE ALL / DISCARD ALL ran on the server."""
