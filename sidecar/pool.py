@@ -273,6 +273,17 @@ class Pool:
             client.unlink()
         self._release(server)
 
+    def retire_dying(self, server: ServerConn) -> None:
+        """The client's transaction ended and the backend then said FATAL: let the client go
+        on elsewhere, close the server."""
+        client = server.client
+        server.client = None
+        if client is not None and client.state is ClientState.LINKED:
+            client.unlink()
+            if client.buffer:
+                self.acquire(client)
+        self.close_server(server, "server sent FATAL after the transaction ended")
+
     async def _after_transaction(self, client: ClientConn, server: ServerConn) -> None:
         """Record SETs the server does not report, and pin the client while it holds state."""
         frontend = client.frontend
@@ -622,7 +633,16 @@ class Pool:
         inst.servers -= 1
         self.last_error = exc
         before = inst.state
-        self.instances.failure(inst, time.monotonic(), str(exc), self._rng)
+        if before is InstanceState.QUARANTINED and not inst.trial:
+            # Opened before the instance was quarantined: the same outage, not a new failure.
+            inst.last_error = str(exc)
+        else:
+            self.instances.failure(inst, time.monotonic(), str(exc), self._rng)
+        if inst.state is not before and inst.state in (
+            InstanceState.DRAINING,
+            InstanceState.FORGOTTEN,
+        ):
+            logger.info(f"instance_{inst.state.name.lower()}", pool=self.name, instance=inst.addr)
         if inst.state is not before and inst.state is InstanceState.QUARANTINED:
             logger.warning(
                 "instance_quarantined",
@@ -716,6 +736,8 @@ class Pool:
         for row in self.instances.snapshot(time.monotonic(), cap):
             total = row["connect_failures"]
             failures = total - self._reported_failures.get(row["addr"], 0)
+            if failures < 0:  # forgotten and seen again: a new instance, counting from 0
+                failures = total
             self._reported_failures[row["addr"]] = total
             line: dict[str, object] = {
                 "instance": row["addr"],

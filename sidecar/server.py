@@ -176,6 +176,12 @@ class ServerConn(asyncio.Protocol):
             if backend.xacts:
                 st.xacts += backend.xacts
                 st.xact_time += now - self.xact_start
+            if backend.fatal_cut and not self.pending:
+                # The backend is going away (terminated, shutting down) right after the
+                # client's transaction ended: that FATAL was not the client's, and the
+                # server must not serve anyone else.
+                self.pool.retire_dying(self)
+                return
             if (
                 self.transaction_mode
                 and not self.pending
@@ -189,7 +195,8 @@ class ServerConn(asyncio.Protocol):
         self._lost_called = True
         self._lost = exc or ConnectionResetError("server closed the connection")
         self._wake()
-        if self.state is not ServerState.CLOSED:
+        # While connecting, the handshake's awaiter sees the loss and reports the failure.
+        if self.state not in (ServerState.CLOSED, ServerState.CONNECTING):
             reason = "server closed the connection unexpectedly"
             if self.fatal_seen:
                 reason = "server sent FATAL and closed the connection"

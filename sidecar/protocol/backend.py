@@ -26,6 +26,11 @@ _WHOLE = b"ZSE13"
 PARSE_COMPLETE_MSG = b"1\x00\x00\x00\x04"
 
 
+def _is_fatal(data: bytes, pos: int, end: int) -> bool:
+    body = data[pos + 5 : end]
+    return b"SFATAL\x00" in body or b"SPANIC\x00" in body
+
+
 class Backend:
     """Walks one server connection's stream. Results of the last `feed` are attributes."""
 
@@ -36,6 +41,7 @@ class Backend:
         "_skip",
         "errors",
         "fatal",
+        "fatal_cut",
         "params",
         "tx_status",
         "xacts",
@@ -55,6 +61,9 @@ class Backend:
         self.xacts = 0
         self.errors = 0
         self.fatal = False
+        #: A FATAL came after a ReadyForQuery in the last feed: what precedes it was handed out,
+        #: the FATAL and what follows were not.
+        self.fatal_cut = False
         self.params: list[tuple[str, str]] | None = None
 
     @property
@@ -73,6 +82,7 @@ class Backend:
             data = self._held + data
             self._held = b""
         self.zs = self.xacts = self.errors = 0
+        self.fatal_cut = False
         self.params = None
         n = len(data)
         pos = 0
@@ -93,6 +103,12 @@ class Backend:
             if typ in _WHOLE:
                 if end > n:
                     self._held = data[pos:]
+                    break
+                if typ == _E and self.zs and _is_fatal(data, pos, end):
+                    # Not an answer to anything the client is waiting for.
+                    self.fatal = self.fatal_cut = True
+                    self.errors += 1
+                    n = pos
                     break
                 repl = self._message(typ, data, pos, end, ctx)
                 if repl is not None:
@@ -145,7 +161,7 @@ class Backend:
         if typ == _E:
             self.errors += 1
             body = data[pos + 5 : end]
-            if b"SFATAL\x00" in body or b"SPANIC\x00" in body:
+            if _is_fatal(data, pos, end):
                 self.fatal = True
             if ctx is not None and b"C0A000\x00" in body:
                 # "cached plan must not change result type": the next Parse of these texts
