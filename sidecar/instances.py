@@ -175,6 +175,7 @@ class Discovery:
                     if addrs:
                         got = True
                         ttl = answer_ttl if ttl is None else min(ttl, answer_ttl)
+                        self.last_ttl = ttl
                         self._apply(addrs)
                         self._first.set()
             finally:
