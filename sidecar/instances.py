@@ -138,6 +138,8 @@ class Discovery:
         floor = self.settings.dns_min_interval
         while True:
             started = loop.time()
+            # Cleared before asking, so a refresh requested while this one runs is not lost.
+            self._wake.clear()
             try:
                 delay = await self._refresh()
             except Exception as exc:  # a bug; keep the known set and retry at the floor
@@ -146,7 +148,6 @@ class Discovery:
                 delay = floor
             self.refreshes += 1
             self._first.set()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             rest = floor - (loop.time() - started)

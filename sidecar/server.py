@@ -162,6 +162,10 @@ class ServerConn(asyncio.Protocol):
             self.fatal_seen = self.fatal_seen or backend.fatal
         if client is None:
             # Async messages (NOTICE, ParameterStatus) while idle in the pool: nobody to tell.
+            if self.fatal_seen and self.state is ServerState.IDLE:
+                # Going away (terminated, shut down): out of the idle list now, before a
+                # client is handed a server whose goodbye it never saw.
+                self.pool.close_server(self, "server sent FATAL while idle")
             return
         if out:
             client.transport_write(out)
