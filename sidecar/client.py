@@ -125,6 +125,7 @@ class ClientConn(asyncio.Protocol):
         self.secret = 0
         self.frontend = Frontend(inspect=False)
         self._startup: m.StartupReader | None = m.StartupReader()
+        self._negotiated: set[type] = set()
         self._reader: m.MessageReader | None = None
         self._scram: ScramServer | None = None
         self._md5_salt = b""
@@ -192,6 +193,7 @@ class ClientConn(asyncio.Protocol):
             self.protocol_violation(str(exc))
             return
         now = time.monotonic()
+        server.mid_message = self.frontend.mid_message
         if out:
             server.started(now)
             server.pending += requests
@@ -264,15 +266,23 @@ class ClientConn(asyncio.Protocol):
 
     def _startup_data(self, data: bytes) -> None:
         assert self._startup is not None
-        event, rest = self._startup.feed(data)
-        if event is None:
-            return
-        if isinstance(event, m.SSLRequest | m.GSSENCRequest):
+        while True:
+            event, data = self._startup.feed(data)
+            if event is None:
+                return
+            if not isinstance(event, m.SSLRequest | m.GSSENCRequest):
+                break
+            # As PostgreSQL: each may come once (libpq: GSSENCRequest, then SSLRequest).
+            kind = type(event)
+            if kind in self._negotiated:
+                raise ProtocolError(
+                    "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0",
+                    "0A000",
+                )
+            self._negotiated.add(kind)
             # TLS to a loopback or Unix socket peer buys nothing; libpq then continues in clear.
             self.transport_write(b"N")
-            if rest:
-                self._startup_data(rest)
-            return
+        rest = data
         if isinstance(event, m.CancelRequest):
             self.proxy.cancel(event.pid, event.secret)
             self.close("cancel request handled", log_it=False)

@@ -76,8 +76,13 @@ def parse_url(url: str, what: str = "URL") -> Upstream:
     try:
         parts = urlsplit(url.strip())
         port = parts.port or 5432
-    except ValueError as exc:
-        raise ConfigError(f"{what} is not a valid postgres:// URL ({exc})") from None
+    except ValueError:
+        # urlsplit's message quotes the "port", which is part of the password when the
+        # password holds an unencoded "/", "?" or "#": never echo it.
+        raise ConfigError(
+            f"{what} is not a valid postgres:// URL (bad port; percent-encode special"
+            " characters in the user and password)"
+        ) from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigError(f"{what} is not a postgres:// URL")
     host = parts.hostname or ""

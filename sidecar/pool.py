@@ -376,6 +376,10 @@ class Pool:
 
     def _release(self, server: ServerConn) -> None:
         """Back to idle, or straight to the next waiter; retire it if its time is over."""
+        if server.paused:
+            # Paused for the client that just let go (its last result filled its socket):
+            # that client's resume_writing will no longer reach us.
+            server.resume_reading()
         now = time.monotonic()
         server.last_used = now
         if now >= server.expires_at:

@@ -130,6 +130,10 @@ class ServerConn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._lost: BaseException | None = None
         self._lost_called = False
+        #: Reading paused because the linked client reads slower than we receive.
+        self.paused = False
+        #: The client's last message to this server was streamed only in part.
+        self.mid_message = False
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -180,12 +184,21 @@ class ServerConn(asyncio.Protocol):
             if backend.xacts:
                 st.xacts += backend.xacts
                 st.xact_time += now - self.xact_start
-            if backend.fatal_cut and not self.pending:
-                # The backend is going away (terminated, shutting down) right after the
-                # client's transaction ended: that FATAL was not the client's, and the
-                # server must not serve anyone else.
-                self.pool.retire_dying(self)
-                return
+            if backend.fatal_cut:
+                if (
+                    self.transaction_mode
+                    and not self.pending
+                    and not self.dirty_tail
+                    and not client.pins
+                ):
+                    # The backend is going away (terminated, shutting down) right after the
+                    # client's transaction ended: that FATAL was not the client's, and the
+                    # server must not serve anyone else.
+                    self.pool.retire_dying(self)
+                    return
+                # The client still counts on this server (session mode, pinned, more
+                # requests in flight): the FATAL is its news.
+                client.transport_write(backend.cut)
             if (
                 self.transaction_mode
                 and not self.pending
@@ -239,10 +252,12 @@ class ServerConn(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.paused = False
             self.transport.resume_reading()
 
     def abort(self) -> None:
@@ -251,8 +266,11 @@ class ServerConn(asyncio.Protocol):
 
     def close_transport(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            # Polite goodbye so the backend logs no "unexpected EOF".
-            self.transport.write(m.TERMINATE_MSG)
+            # Polite goodbye so the backend logs no "unexpected EOF" -- unless a client's
+            # message was cut short: the Terminate's bytes would complete it (a cut Execute
+            # of COMMIT would run). Then the backend gets EOF mid-message and rolls back.
+            if not self.mid_message:
+                self.transport.write(m.TERMINATE_MSG)
             self.transport.close()
 
     # -- message mode -------------------------------------------------------------------------

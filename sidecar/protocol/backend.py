@@ -39,6 +39,7 @@ class Backend:
         "_batch_parses",
         "_held",
         "_skip",
+        "cut",
         "errors",
         "fatal",
         "fatal_cut",
@@ -64,6 +65,8 @@ class Backend:
         #: A FATAL came after a ReadyForQuery in the last feed: what precedes it was handed out,
         #: the FATAL and what follows were not.
         self.fatal_cut = False
+        #: The bytes held back from the client by `fatal_cut`.
+        self.cut = b""
         self.params: list[tuple[str, str]] | None = None
 
     @property
@@ -104,9 +107,12 @@ class Backend:
                 if end > n:
                     self._held = data[pos:]
                     break
-                if typ == _E and self.zs and _is_fatal(data, pos, end):
-                    # Not an answer to anything the client is waiting for.
+                if typ == _E and self.zs and self.tx_status == _I and _is_fatal(data, pos, end):
+                    # Behind a ReadyForQuery I: the transaction is over, so maybe not an answer
+                    # to anything the client waits for (the caller decides; `cut` keeps it).
+                    # Behind T or E it is: the client's open transaction died with it.
                     self.fatal = self.fatal_cut = True
+                    self.cut = bytes(data[pos:])
                     self.errors += 1
                     n = pos
                     break

@@ -193,6 +193,11 @@ class Frontend:
     def holding(self) -> bool:
         return bool(self._held)
 
+    @property
+    def mid_message(self) -> bool:
+        """The bytes sent so far end inside a message (streamed in part, rest to come)."""
+        return bool(self._skip)
+
     def feed(
         self,
         data: bytes,
