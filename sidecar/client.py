@@ -188,7 +188,9 @@ class ClientConn(asyncio.Protocol):
         assert server is not None
         pool = server.pool
         try:
-            out, requests, terminate = self.frontend.feed(data, server.statements, pool.registry)
+            out, requests, terminate = self.frontend.feed(
+                data, server.statements, pool.registry, server.backend.copy_in
+            )
         except ProtocolError as exc:
             self.protocol_violation(str(exc))
             return

@@ -22,7 +22,8 @@ _E = ord("E")
 _I = ord("I")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
-_WHOLE = b"ZSE13"
+_WHOLE = b"ZSE13G"
+_COPY_IN_RESPONSE = ord("G")
 PARSE_COMPLETE_MSG = b"1\x00\x00\x00\x04"
 
 
@@ -39,6 +40,7 @@ class Backend:
         "_batch_parses",
         "_held",
         "_skip",
+        "copy_in",
         "cut",
         "errors",
         "fatal",
@@ -56,6 +58,8 @@ class Backend:
         self._batch_closes = 0
         #: Status byte of the last ReadyForQuery (I, T or E).
         self.tx_status = _I
+        #: The server said CopyInResponse and has not finished that request yet.
+        self.copy_in = False
         #: Of the last feed: ReadyForQuery count, those with status I, ErrorResponses,
         #: whether one was FATAL/PANIC, and ParameterStatus (name, value) pairs.
         self.zs = 0
@@ -148,9 +152,13 @@ class Backend:
     def _message(
         self, typ: int, data: bytes, pos: int, end: int, ctx: ServerStatements | None
     ) -> bytes | None:
+        if typ == _COPY_IN_RESPONSE:
+            self.copy_in = True
+            return None
         if typ == _Z:
             status = data[pos + 5] if end > pos + 5 else _I
             self.tx_status = status
+            self.copy_in = False
             self.zs += 1
             if status == _I:
                 self.xacts += 1

@@ -203,6 +203,7 @@ class Frontend:
         data: bytes,
         ctx: ServerStatements | None = None,
         registry: Registry | None = None,
+        copy_in: bool = False,
     ) -> tuple[bytes, int, bool]:
         """(bytes to send, requests that will get a ReadyForQuery, Terminate seen).
 
@@ -265,11 +266,15 @@ class Frontend:
                     if self._after_exec:
                         self._exec_syncs += 1
                 elif self._exec_syncs:
-                    # That Execute started a COPY FROM STDIN: PostgreSQL ignores Syncs in
-                    # copy-in mode, so they get no ReadyForQuery (libpq sends one anyway).
-                    requests -= self._exec_syncs
-                    if ctx is not None:
-                        self._unsync(ctx, self._exec_syncs)
+                    if copy_in:
+                        # That Execute started a COPY FROM STDIN (the server said so before
+                        # the client sent data): PostgreSQL ignores Syncs in copy-in mode, so
+                        # they get no ReadyForQuery (libpq sends one anyway). Without the
+                        # server's word, CopyData is a stray message PostgreSQL ignores, and
+                        # the Syncs count.
+                        requests -= self._exec_syncs
+                        if ctx is not None:
+                            self._unsync(ctx, self._exec_syncs)
                     self._exec_syncs = 0
                     self._after_exec = False
             elif self._after_exec:
