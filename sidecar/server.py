@@ -305,14 +305,14 @@ class ServerConn(asyncio.Protocol):
         buf = self._inbuf
         assert buf is not None
         while True:
-            if len(buf) >= 5:
-                length = int.from_bytes(buf[1:5], "big", signed=True)
-                if length < 4 or length > m.MAX_MESSAGE_LENGTH:
-                    raise ServerError(PROTOCOL_VIOLATION, "server sent garbage", retryable=True)
-                if len(buf) >= length + 1:
-                    msg = (buf[0], bytes(buf[5 : length + 1]))
-                    del buf[: length + 1]
-                    return msg
+            try:
+                msg = m.take_message(buf)
+            except ProtocolError:
+                raise ServerError(
+                    PROTOCOL_VIOLATION, "server sent garbage", retryable=True
+                ) from None
+            if msg is not None:
+                return msg
             await self._more()
 
     def enter_message_mode(self) -> None:

@@ -152,6 +152,21 @@ def _parse_startup_params(body: bytes) -> dict[str, str]:
 # Typed messages
 
 
+def take_message(buf: bytearray, max_length: int = MAX_MESSAGE_LENGTH) -> tuple[int, bytes] | None:
+    """Pop one complete (type, body) off the front of `buf`, or None if it is incomplete."""
+    if len(buf) < 5:
+        return None
+    (length,) = _unpack_i32(buf, 1)
+    if length < 4 or length > max_length:
+        raise ProtocolError(f"invalid message length {length}")
+    end = length + 1
+    if len(buf) < end:
+        return None
+    msg = (buf[0], bytes(buf[5:end]))
+    del buf[:end]
+    return msg
+
+
 class MessageReader:
     """Incremental framing of typed messages; returns whole (type, body) pairs.
 
@@ -170,18 +185,7 @@ class MessageReader:
 
     def next(self) -> tuple[int, bytes] | None:
         """Pop the next complete message, or None if more bytes are needed."""
-        buf = self._buf
-        if len(buf) < 5:
-            return None
-        (length,) = _unpack_i32(buf, 1)
-        if length < 4 or length > self._max:
-            raise ProtocolError(f"invalid message length {length}")
-        end = length + 1
-        if len(buf) < end:
-            return None
-        msg = (buf[0], bytes(buf[5:end]))
-        del buf[:end]
-        return msg
+        return take_message(self._buf, self._max)
 
     def take_rest(self) -> bytes:
         """Hand over whatever is buffered (the start of the data phase)."""
