@@ -192,6 +192,9 @@ class ClientConn(asyncio.Protocol):
                 data, server.statements, pool.registry, server.backend.copy_in
             )
         except ProtocolError as exc:
+            # The walker may have booked messages before the bad one that were never sent:
+            # that server's bookkeeping no longer matches it, so no one else may have it.
+            server.out_of_step = True
             self.protocol_violation(str(exc))
             return
         now = time.monotonic()

@@ -221,6 +221,7 @@ class Pool:
     def _retire_session(self, client: ClientConn, server: ServerConn, reason: str) -> None:
         """The client left: make its server fit for the next client, or close it."""
         clean = not server.pending and not server.dirty_tail and server.at_boundary
+        clean = clean and not server.out_of_step
         # Session state that would leak to the next client (session mode, or a pinned client).
         discard = not self.transaction_mode or bool(client.pins)
         discard = discard or bool(client.frontend.flags & (PIN_FLAGS | Q_SET))
@@ -382,6 +383,12 @@ class Pool:
             server.resume_reading()
         now = time.monotonic()
         server.last_used = now
+        st = server.statements
+        if server.out_of_step or (st is not None and not st.settled):
+            # Handing it on would apply one client's fixups to another's answers.
+            self.close_server(server, "statement bookkeeping out of step with the server")
+            self._fill()
+            return
         if now >= server.expires_at:
             self.close_server(server, "server lifetime over")
             self._fill()

@@ -134,6 +134,8 @@ class ServerConn(asyncio.Protocol):
         self.paused = False
         #: The client's last message to this server was streamed only in part.
         self.mid_message = False
+        #: What the proxy booked for this connection may not match what it was sent.
+        self.out_of_step = False
 
     # -- asyncio callbacks ------------------------------------------------------------------
 

@@ -128,14 +128,10 @@ class ServerStatements:
         self.open_binds: list[Statement] = []
         self.binds: dict[int, list[Statement]] = {}
 
-    def reset_tracking(self) -> None:
-        """The connection is back in step (fresh, or after an internal query)."""
-        self.sent_syncs = self.recv_z = 0
-        self.batch_parses = self.batch_closes = 0
-        self.open_specials.clear()
-        self.fixups.clear()
-        self.open_binds.clear()
-        self.binds.clear()
+    @property
+    def settled(self) -> bool:
+        """Every batch sent has been answered and nothing is booked for one not yet sent."""
+        return self.sent_syncs == self.recv_z and not self.open_specials and not self.fixups
 
     def forget_all(self) -> None:
         """DEALLOCATE ALL / DISCARD ALL ran on the server."""
