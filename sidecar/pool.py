@@ -221,7 +221,7 @@ class Pool:
     def _retire_session(self, client: ClientConn, server: ServerConn, reason: str) -> None:
         """The client left: make its server fit for the next client, or close it."""
         clean = not server.pending and not server.dirty_tail and server.at_boundary
-        clean = clean and not server.out_of_step
+        clean = clean and not server.out_of_step and not server.backend.copy_in
         # Session state that would leak to the next client (session mode, or a pinned client).
         discard = not self.transaction_mode or bool(client.pins)
         discard = discard or bool(client.frontend.flags & (PIN_FLAGS | Q_SET))

@@ -352,7 +352,7 @@ def test_wrong_message_during_authentication(proxy: ProxyProcess, message: bytes
 
 
 def test_unknown_message_type_after_login(proxy: ProxyProcess, bystander: Bystander) -> None:
-    # PostgreSQL's own answer reaches the client; the server it killed is replaced
+    # PostgreSQL's answer, from the proxy: the message never reaches a server
     with PgWire.connect(proxy.host, proxy.port) as wire:
         assert not errors(wire.login("app", APP_PASSWORD, "appdb"))
         wire.send(m.message(b"?", b"hello"))
@@ -531,6 +531,35 @@ def test_garbage_after_good_messages_leaves_the_server_in_step(
             assert not errors(wire.login("app", APP_PASSWORD, "appdb"))
             wire.send(prefix + b"Q" + struct.pack("!i", -1))
             assert fatal_codes(wire.until_closed(10)) == ["08P01"]
+        with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+            for n in range(5):
+                row = conn.execute("SELECT %s::int * 2, %s::text", (n, f"q{n}")).fetchone()
+                assert row == (2 * n, f"q{n}")
+    assert_no_crash(proxy)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(m.message(b"H", b"-") + m.message(b"d", b"x"), id="bad-flush-copydata"),
+        pytest.param(m.message(b"D", b"") + m.message(b"c", b""), id="bad-describe-copydone"),
+        pytest.param(
+            m.message(b"E", b"nope\x00\x00\x00\x00\x00") + m.message(b"f", b"x\x00"),
+            id="bad-execute-copyfail",
+        ),
+    ],
+)
+def test_error_without_sync_then_leaving_leaves_the_server_in_step(
+    proxy_factory: ProxyFactory, data: bytes
+) -> None:
+    # PostgreSQL answers the first message with an error and then skips everything up to a
+    # Sync; the copy message after it changes nothing. A server left like that must not
+    # serve the next client, whose queries it would silently skip.
+    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE=1)
+    for _ in range(3):
+        with PgWire.connect(proxy.host, proxy.port) as wire:
+            assert not errors(wire.login("app", APP_PASSWORD, "appdb"))
+            wire.send(data)
         with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
             for n in range(5):
                 row = conn.execute("SELECT %s::int * 2, %s::text", (n, f"q{n}")).fetchone()

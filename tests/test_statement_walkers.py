@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from sidecar.protocol.backend import Backend
+from sidecar.protocol.errors import ProtocolError
 from sidecar.protocol.frontend import (
     Q_ADVISORY,
     Q_DEALLOCATE,
@@ -757,3 +758,46 @@ def test_backend_split_at_every_boundary() -> None:
         out = b"".join(link.recv(piece) for piece in _pieces(server, cuts))
         assert out == expected, f"cut at {cuts[:3]}..."
         assert _state(link) == expected_state, f"cut at {cuts[:3]}..."
+
+
+# --- batch state: when may the server serve another client ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("chunks", "dirty"),
+    [
+        ([parse("", "SELECT 1") + msg(b"S")], False),
+        ([parse("", "SELECT 1")], True),
+        ([msg(b"H", b"-"), msg(b"d", b"x")], True),  # copy messages do not end a batch
+        ([msg(b"D", b""), msg(b"c")], True),
+        ([msg(b"E", b"\x00\x00\x00\x00\x00") + msg(b"f", b"x\x00")], True),
+        ([execute(), msg(b"S") + msg(b"d", b"x")], False),  # no CopyInResponse: Sync counts
+        ([query("SELECT 1") + msg(b"d", b"x")], False),
+        ([msg(b"S") + msg(b"d", b"x" * 100)[:20]], True),  # inside a message
+    ],
+)
+def test_frontend_knows_when_the_batch_is_open(chunks: list[bytes], dirty: bool) -> None:
+    fe = Frontend(inspect=True)
+    for chunk in chunks:
+        fe.feed(chunk)
+    assert fe.dirty_tail is dirty
+
+
+def test_frontend_copy_data_after_copy_in_reopens_the_batch() -> None:
+    # Execute of COPY FROM STDIN, Sync, then the server says CopyInResponse: the Sync is
+    # ignored by PostgreSQL, so the batch stays open until the Sync after CopyDone.
+    fe = Frontend(inspect=True)
+    _, requests, _ = fe.feed(execute() + msg(b"S"))
+    assert requests == 1 and not fe.dirty_tail
+    _, requests, _ = fe.feed(msg(b"d", b"1\n"), copy_in=True)
+    assert requests == -1 and fe.dirty_tail
+    fe.feed(msg(b"c"), copy_in=True)
+    assert fe.dirty_tail
+    _, requests, _ = fe.feed(msg(b"S"), copy_in=True)
+    assert requests == 1 and not fe.dirty_tail
+
+
+@pytest.mark.parametrize("typ", [b"\x00", b"Z", b"p", b"?", b"\xff"])
+def test_frontend_rejects_message_types_no_client_sends(typ: bytes) -> None:
+    with pytest.raises(ProtocolError, match="invalid frontend message type"):
+        Frontend(inspect=False).feed(msg(b"S") + msg(typ, b"x"))

@@ -26,12 +26,20 @@ _S = ord("S")
 _F = ord("F")
 _X = ord("X")
 _H = ord("H")
-# Messages after which the client waits for the server; anything else needs a later Sync.
-_SYNC_POINTS = b"QSFXdcf"
+# Extended-protocol messages: after one of them, only a Sync brings the server back to a
+# state another client can use (an error makes it skip everything until Sync). A Query or
+# FunctionCall closes the batch too: it is answered only if the server was not skipping, and
+# while unanswered it keeps the server linked.
+_EXTENDED = b"PBCDEH"
+# Copy messages: PostgreSQL ignores them outside COPY, so they say nothing of the batch state.
+_COPY = b"dcf"
 _INSPECT = b"QPBDC"
 _REQUESTS = b"QSF"
 _COPY_WATCH = b"ESdcf"
 _EXECUTE = ord("E")
+# Every message type a logged-in client may send (PostgreSQL closes the session on others).
+_FRONTEND_TYPES = b"BCDEFHPQSXcdf"
+_NONE = -1
 
 # What a query does to the session (bit flags).
 Q_ADVISORY = 1  #: takes a session-level advisory lock
@@ -157,6 +165,7 @@ class Frontend:
 
     __slots__ = (
         "_after_exec",
+        "_batch_open",
         "_effects",
         "_exec_syncs",
         "_held",
@@ -178,7 +187,8 @@ class Frontend:
         self._after_exec = False
         self._exec_syncs = 0
         self._held = b""
-        #: The bytes sent end inside an extended-protocol batch (no Sync yet).
+        self._batch_open = False
+        #: The bytes sent end inside an extended-protocol batch (no Sync yet) or a message.
         self.dirty_tail = False
         #: Client statement name -> proxy-wide statement.
         self.statements: dict[bytes, Statement] = {}
@@ -217,11 +227,11 @@ class Frontend:
         pos = 0
         requests = 0
         terminate = False
-        last = 0
+        last = _NONE  # type of the last non-copy message that ended in `data`
         if self._skip:
             pos = min(self._skip, n)
             self._skip -= pos
-            if not self._skip:
+            if not self._skip and self._skip_type not in _COPY:
                 last = self._skip_type
         out: list[bytes] | None = None  # set once a message is rewritten
         copied = 0  # data[copied:pos] not yet in `out`
@@ -234,6 +244,8 @@ class Frontend:
             (length,) = _unpack_i32(data, pos + 1)
             if length < 4 or length > MAX_MESSAGE_LENGTH:
                 raise ProtocolError(f"invalid message length {length}")
+            if typ not in _FRONTEND_TYPES:
+                raise ProtocolError(f"invalid frontend message type {typ}")
             end = pos + 1 + length
             if typ == _X:
                 terminate = True
@@ -273,6 +285,7 @@ class Frontend:
                         # server's word, CopyData is a stray message PostgreSQL ignores, and
                         # the Syncs count.
                         requests -= self._exec_syncs
+                        last = _EXECUTE  # the batch is open again
                         if ctx is not None:
                             self._unsync(ctx, self._exec_syncs)
                     self._exec_syncs = 0
@@ -282,13 +295,15 @@ class Frontend:
                 self._exec_syncs = 0
             if end > n:  # only uninspected messages get here incomplete: stream them
                 self._skip = end - n
-                self._skip_type = last = typ
+                self._skip_type = typ
                 pos = n
                 break
-            last = typ
+            if typ not in _COPY:
+                last = typ
             pos = end
-        if last:
-            self.dirty_tail = last not in _SYNC_POINTS or bool(self._skip)
+        if last != _NONE:
+            self._batch_open = last in _EXTENDED
+        self.dirty_tail = self._batch_open or bool(self._skip)
         limit = n - len(self._held) if self._held else n
         if out is None:
             sent = data if limit == len(data) else data[:limit]
