@@ -426,11 +426,12 @@ class ClientConn(asyncio.Protocol):
         if self.state is not ClientState.LOGIN:
             return
         wanted = self.pool.canonical(self.params)
-        self.params = wanted
         self.startup_params = dict(wanted)
-        shown = dict(self.pool.defaults or {})
-        shown.update((k, v) for k, v in wanted.items() if k in shown)
-        out = [m.parameter_status(k, v) for k, v in shown.items()]
+        defaults = self.pool.defaults or {}
+        # Every parameter a server reports, too: a link then compares two dicts with the same
+        # keys, and equal ones (the common case) in one C-level comparison.
+        self.params = {**defaults, **wanted}
+        out = [m.parameter_status(k, self.params[k]) for k in defaults]
         out.append(m.backend_key_data(self.pid, self.secret))
         out.append(m.ready_for_query())
         self.transport_write(b"".join(out))

@@ -13,6 +13,8 @@ import struct
 from collections.abc import Callable, Iterable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.protocol.backend import Backend
 from sidecar.protocol.errors import ProtocolError
@@ -27,6 +29,7 @@ from sidecar.protocol.frontend import (
     Q_TEMP,
     Frontend,
     classify,
+    classify_fully,
     deallocate_target,
     local_prepare,
 )
@@ -487,6 +490,8 @@ SET_CASES = [
     ("set SESSION statement_timeout = '5s'", ["statement_timeout"]),
     ("SET statement_timeout TO DEFAULT", ["statement_timeout"]),
     ("RESET statement_timeout", ["statement_timeout"]),
+    ("/* controller:users,action:show */ SET search_path = app", ["search_path"]),
+    ("-- tag\n  set work_mem = '8MB'", ["work_mem"]),
     ("RESET ALL", ["all"]),
     ("SET myapp.tenant = 'acme'", ["myapp.tenant"]),
     ("select 1; SET DateStyle = 'ISO, DMY'", ["datestyle"]),
@@ -552,6 +557,9 @@ def test_classify_nothing(sql: str) -> None:
         ("DEALLOCATE p", Q_DEALLOCATE),
         ("deallocate all", Q_DEALLOCATE),
         ("LISTEN a; select pg_advisory_lock(1)", Q_LISTEN | Q_ADVISORY),
+        ("/* app:web */ LISTEN ch", Q_LISTEN),
+        ("/* a */ /* b */\ndiscard all", Q_DISCARD),
+        ("EXPLAIN ANALYZE CREATE TEMP TABLE x AS SELECT 1", Q_TEMP),
     ],
 )
 def test_classify_session_state(sql: str, flags: int) -> None:
@@ -801,3 +809,44 @@ def test_frontend_copy_data_after_copy_in_reopens_the_batch() -> None:
 def test_frontend_rejects_message_types_no_client_sends(typ: bytes) -> None:
     with pytest.raises(ProtocolError, match="invalid frontend message type"):
         Frontend(inspect=False).feed(msg(b"S") + msg(typ, b"x"))
+
+
+_FRAGMENTS = [
+    "SELECT 1",
+    "set",
+    "SET",
+    "reset",
+    "Set search_path = x",
+    "RESET ALL",
+    "listen x",
+    "PREPARE p AS SELECT 1",
+    "prepare transaction 'x'",
+    "DISCARD ALL",
+    "deallocate p",
+    "create temp table t (x int)",
+    "CREATE GLOBAL TEMPORARY TABLE t ()",
+    "declare c cursor",
+    "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+    "select pg_advisory_lock(1)",
+    "SELECT PG_TRY_ADVISORY_LOCK_SHARED (2)",
+    "select set_config('a.b', 'c', false)",
+    "UPDATE t SET x = 1",
+    "/* app:x */ SET x = 1",
+    "-- tag\nlisten y",
+    "/* a */ /* b */ discard all",
+    "settings",
+    "-- set x\n",
+    "'; set'",
+    ";",
+    " ",
+    "\n\t",
+    "temp",
+    "hold",
+]
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=5))
+def test_first_look_never_hides_a_session_effect(parts: list[str]) -> None:
+    sql = " ".join(parts).encode()
+    assert classify(sql) == classify_fully(sql), sql
