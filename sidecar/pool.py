@@ -44,14 +44,17 @@ _I = ord("I")
 _T = ord("T")
 _E = ord("E")
 
-# Parameters PostgreSQL reports that a session can change; kept equal for a client on any server.
-TRACKED = (
-    "client_encoding",
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-    "standard_conforming_strings",
-    "application_name",
+# Reported parameters a session cannot change: they may differ between instances (a minor
+# version upgrade rolling through a follower pool) and are never synced.
+FIXED = frozenset(
+    (
+        "server_version",
+        "server_encoding",
+        "integer_datetimes",
+        "is_superuser",
+        "in_hot_standby",
+        "session_authorization",
+    )
 )
 
 
@@ -438,10 +441,14 @@ class Pool:
 
     def _sync_sql(self, want: dict[str, str], have: dict[str, str]) -> str | None:
         """SQL that makes the server's session settings the client's, or None if equal."""
+        if want == have:
+            return None
         defaults = self.defaults or {}
         sets: list[str] = []
         resets: list[str] = []
         for key in {*want, *have}:
+            if key in FIXED:
+                continue
             default = defaults.get(key)
             target = want.get(key, default)
             current = have.get(key, default)
@@ -489,7 +496,7 @@ class Pool:
             return
         # Learn how the server spells what the client asked for, so the next link needs no SET.
         for key, value in list(client.params.items()):
-            if key in defaults and key in server.params:
+            if key in defaults and key in server.params and key not in FIXED:
                 self._canon[(key, value)] = server.params[key]
                 client.params[key] = server.params[key]
         client.flush_to(server)
@@ -870,4 +877,4 @@ class Pool:
         self._fill()
 
 
-__all__ = ["TRACKED", "Pool", "m"]
+__all__ = ["Pool"]

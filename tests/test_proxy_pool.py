@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import types
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 from pgfixtures import PostgresServer, ProxyFactory, killable, poll_until
+
+from sidecar.pool import Pool
 
 POOL_SIZE = 5
 CLIENTS = 200
@@ -231,3 +234,16 @@ async def test_session_mode(pg: PostgresServer, proxy_factory: ProxyFactory) -> 
         assert await cur.fetchone() == ("0", True, 0)
     finally:
         await second.close()
+
+
+def test_link_sync_sql_skips_what_a_session_cannot_set() -> None:
+    # Followers on different minor versions report different server_version: a link must
+    # not try to SET it (PostgreSQL refuses), only the session's own settings.
+    defaults = {"server_version": "15.18", "TimeZone": "UTC", "application_name": ""}
+    pool = types.SimpleNamespace(defaults=defaults)
+    want = {**defaults, "application_name": "web"}
+    have = {**defaults, "server_version": "15.19"}
+    sql = Pool._sync_sql(pool, want, have)  # type: ignore[arg-type]
+    assert sql == "SELECT pg_catalog.set_config('application_name', 'web', false)"
+    assert Pool._sync_sql(pool, want, dict(want)) is None  # type: ignore[arg-type]
+    assert Pool._sync_sql(pool, defaults, have) is None  # type: ignore[arg-type]
