@@ -842,7 +842,7 @@ class Console:
         # Other consoles would hold the drain open until shutdown_timeout; app clients finish.
         for other in list(self.proxy.clients):
             if other is not self.client and other.state is ClientState.ADMIN:
-                other.transport_write(
+                other.write(
                     m.fatal(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
                 )
                 other.close("admin SHUTDOWN")
@@ -1073,7 +1073,7 @@ class AdminSession:
 
     def _flush(self) -> None:
         if self._out and not self._gone:
-            self.client.transport_write(b"".join(self._out))
+            self.client.write(b"".join(self._out))
         self._out.clear()
 
     def _error(self, exc: AdminError) -> None:

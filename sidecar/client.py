@@ -10,6 +10,7 @@ import asyncio
 import enum
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from . import log
@@ -41,10 +42,16 @@ _CANONICAL_NAMES = {
     "intervalstyle": "IntervalStyle",
 }
 _PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+_I = ord("I")
+_P = ord("P")
 # Database names that reach the admin console instead of a pool (pgbouncer: scripts keep working).
 ADMIN_DATABASES = ("sidecar", "pgbouncer")
 # Startup keys that are not session settings.
 _NOT_SETTINGS = {"user", "database", "options", "replication"}
+
+
+def _unconnected(data: bytes) -> None:
+    raise ConnectionError("no transport yet")
 
 
 class ClientState(enum.Enum):
@@ -59,7 +66,12 @@ class ClientState(enum.Enum):
     CLOSED = "closed"  #: gone
 
 
-_BUFFERING = (ClientState.IDLE, ClientState.WAITING, ClientState.SETUP, ClientState.LOGIN)
+# The members as module globals: an Enum attribute lookup costs ~65 ns, and the hot path tests
+# states several times per message.
+C_STARTUP, C_AUTH, C_LOGIN, C_IDLE, C_WAITING, C_SETUP, C_LINKED, C_ADMIN, C_CLOSED = ClientState
+
+
+_BUFFERING = (C_IDLE, C_WAITING, C_SETUP, C_LOGIN)
 
 
 def parse_options(options: str) -> dict[str, str]:
@@ -111,7 +123,9 @@ class ClientConn(asyncio.Protocol):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
-        self.state = ClientState.STARTUP
+        #: The transport's write (a bound method: one call less per message).
+        self.write: Callable[[bytes], object] = _unconnected
+        self.state = C_STARTUP
         self.pool: Pool | None = None
         self.server: ServerConn | None = None
         self.user = ""
@@ -146,6 +160,7 @@ class ClientConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write
         set_nodelay(self.transport)
         peer = transport.get_extra_info("peername")
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
@@ -153,22 +168,22 @@ class ClientConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.state is ClientState.LINKED:
+            if self.state is C_LINKED:
                 self._forward(data)
             elif self.state in _BUFFERING:
                 self._buffer(data)
-            elif self.state is ClientState.STARTUP:
+            elif self.state is C_STARTUP:
                 self._startup_data(data)
-            elif self.state is ClientState.AUTH:
+            elif self.state is C_AUTH:
                 self._auth_data(data)
-            elif self.state is ClientState.ADMIN:
+            elif self.state is C_ADMIN:
                 assert self.admin is not None
                 self.admin.feed(data)
         except ProtocolError as exc:
             self.fail(exc.sqlstate, str(exc), reason=f"protocol violation: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state is not ClientState.CLOSED:
+        if self.state is not C_CLOSED:
             self._gone("client closed the connection")
 
     def pause_writing(self) -> None:
@@ -182,14 +197,14 @@ class ClientConn(asyncio.Protocol):
 
     # -- data phase ----------------------------------------------------------------------------
 
-    def _forward(self, data: bytes) -> None:
+    def _forward(self, data: bytes, now: float = 0.0) -> None:
         """Walk the client's bytes for the linked server and send them."""
         server = self.server
         assert server is not None
-        pool = server.pool
+        frontend = self.frontend
         try:
-            out, requests, terminate = self.frontend.feed(
-                data, server.statements, pool.registry, server.backend.copy_in
+            out, requests, terminate = frontend.feed(
+                data, server.statements, server.pool.registry, server.backend.copy_in
             )
         except ProtocolError as exc:
             # The walker may have booked messages before the bad one that were never sent:
@@ -197,12 +212,15 @@ class ClientConn(asyncio.Protocol):
             server.out_of_step = True
             self.protocol_violation(str(exc))
             return
-        now = time.monotonic()
-        server.mid_message = self.frontend.mid_message
+        now = now or time.monotonic()
+        server.mid_message = frontend.mid_message
         if out:
-            server.started(now)
+            if not server.pending:  # nothing in flight: start the clocks
+                server.query_start = now
+                if server.backend.tx_status == _I:
+                    server.xact_start = now
             server.pending += requests
-            server.dirty_tail = self.frontend.dirty_tail
+            server.dirty_tail = frontend.dirty_tail
             server.write(out)
             server.stats.bytes_in += len(out)
         self.last_active = now
@@ -214,10 +232,10 @@ class ClientConn(asyncio.Protocol):
             if data == m.TERMINATE_MSG:
                 self._gone("client close request")
                 return
-            if self.state is ClientState.IDLE and self._prepare_locally(data):
+            if data[0] == _P and self.state is C_IDLE and self._prepare_locally(data):
                 return
         self.buffer.append(data)
-        if self.state is ClientState.IDLE:
+        if self.state is C_IDLE:
             assert self.pool is not None
             self.pool.acquire(self)
 
@@ -230,32 +248,29 @@ class ClientConn(asyncio.Protocol):
         if prepared is None:
             return False
         self.frontend.statements.update(prepared)
-        self.transport_write(_PARSE_COMPLETE * len(prepared) + m.ready_for_query(b"I"))
+        self.write(_PARSE_COMPLETE * len(prepared) + m.ready_for_query(b"I"))
         return True
 
-    def flush_to(self, server: ServerConn) -> None:
+    def flush_to(self, server: ServerConn, now: float = 0.0) -> None:
         """Linked to `server`: send what was buffered while waiting, then forward directly."""
         self.server = server
-        self.state = ClientState.LINKED
-        if self.buffer:
-            data = b"".join(self.buffer)
-            self.buffer.clear()
-            self._forward(data)
+        self.state = C_LINKED
+        buffer = self.buffer
+        if buffer:
+            data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            buffer.clear()
+            self._forward(data, now)
         if self._paused:
             self.resume_reading()
 
-    def unlink(self) -> None:
+    def unlink(self, now: float = 0.0) -> None:
         """The server went back to the pool; the client holds none until its next request."""
         self.server = None
-        self.last_active = time.monotonic()
-        if self.state is ClientState.LINKED:
-            self.state = ClientState.IDLE
+        self.last_active = now or time.monotonic()
+        if self.state is C_LINKED:
+            self.state = C_IDLE
         if self._paused:
             self.resume_reading()
-
-    def transport_write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self._paused and not self.transport.is_closing():
@@ -286,7 +301,7 @@ class ClientConn(asyncio.Protocol):
                 )
             self._negotiated.add(kind)
             # TLS to a loopback or Unix socket peer buys nothing; libpq then continues in clear.
-            self.transport_write(b"N")
+            self.write(b"N")
         rest = data
         if isinstance(event, m.CancelRequest):
             self.proxy.cancel(event.pid, event.secret)
@@ -294,7 +309,7 @@ class ClientConn(asyncio.Protocol):
             return
         self._startup = None
         self._login_start(event.params)
-        if rest and self.state is ClientState.AUTH:
+        if rest and self.state is C_AUTH:
             self._auth_data(rest)
 
     def _login_start(self, params: dict[str, str]) -> None:
@@ -339,19 +354,19 @@ class ClientConn(asyncio.Protocol):
         # Unknown users still go through the whole exchange, so the reply tells nothing.
         self._user_ok = self.user == up.user
         self._reader = m.MessageReader(max_length=10_000)
-        self.state = ClientState.AUTH
+        self.state = C_AUTH
         if self.proxy.settings.auth_type == "md5":
             self._md5_salt = secrets.token_bytes(4)
-            self.transport_write(m.auth_md5(self._md5_salt))
+            self.write(m.auth_md5(self._md5_salt))
         else:
             self._scram = ScramServer(pool.scram_secret)
-            self.transport_write(m.auth_sasl(["SCRAM-SHA-256"]))
+            self.write(m.auth_sasl(["SCRAM-SHA-256"]))
 
     def _auth_data(self, data: bytes) -> None:
         reader = self._reader
         assert reader is not None and self.pool is not None
         reader.feed(data)
-        while self.state is ClientState.AUTH:
+        while self.state is C_AUTH:
             msg = reader.next()
             if msg is None:
                 return
@@ -359,7 +374,7 @@ class ClientConn(asyncio.Protocol):
             if typ != m.PASSWORD_MESSAGE:
                 raise ProtocolError(f"expected password response, got message type {chr(typ)!r}")
             self._auth_step(body)
-        if self._reader is not None and self.state is not ClientState.CLOSED:
+        if self._reader is not None and self.state is not C_CLOSED:
             # Bytes pipelined after the last auth message are the client's first queries.
             rest = reader.take_rest()
             self._reader = None
@@ -381,14 +396,12 @@ class ClientConn(asyncio.Protocol):
                 mechanism, first = m.parse_sasl_initial_response(body)
                 if mechanism != "SCRAM-SHA-256":
                     raise AuthError("unsupported SASL mechanism")
-                self.transport_write(
-                    m.auth_request(m.AUTH_SASL_CONTINUE, scram.handle_client_first(first))
-                )
+                self.write(m.auth_request(m.AUTH_SASL_CONTINUE, scram.handle_client_first(first)))
             else:
                 final = scram.handle_client_final(body)
                 if not self._user_ok:
                     raise AuthError("unknown user")
-                self.transport_write(m.auth_request(m.AUTH_SASL_FINAL, final))
+                self.write(m.auth_request(m.AUTH_SASL_FINAL, final))
                 self._authenticated()
         except (AuthError, ProtocolError):
             self.proxy.auth_failed(self)
@@ -400,15 +413,15 @@ class ClientConn(asyncio.Protocol):
 
     def _authenticated(self) -> None:
         assert self.pool is not None
-        self.transport_write(m.AUTH_OK_MSG)
+        self.write(m.AUTH_OK_MSG)
         self._scram = None
         self.pid, self.secret = self.proxy.register_key(self)
         if self.database in ADMIN_DATABASES:
             from .admin import AdminSession
 
             self.admin = AdminSession(self.proxy, self)
-            self.state = ClientState.ADMIN
-            self.transport_write(self.admin.welcome())
+            self.state = C_ADMIN
+            self.write(self.admin.welcome())
             if self.proxy.settings.log_connections:
                 logger.info("admin_login", user=self.user, addr=self.addr)
             assert self._reader is not None
@@ -417,13 +430,13 @@ class ClientConn(asyncio.Protocol):
             if rest:
                 self.admin.feed(rest)
             return
-        self.state = ClientState.LOGIN
+        self.state = C_LOGIN
         self.pool.login(self)
 
     def finish_login(self) -> None:
         """The pool knows its servers' parameters: tell the client and let it send queries."""
         assert self.pool is not None
-        if self.state is not ClientState.LOGIN:
+        if self.state is not C_LOGIN:
             return
         wanted = self.pool.canonical(self.params)
         self.startup_params = dict(wanted)
@@ -434,8 +447,8 @@ class ClientConn(asyncio.Protocol):
         out = [m.parameter_status(k, self.params[k]) for k in defaults]
         out.append(m.backend_key_data(self.pid, self.secret))
         out.append(m.ready_for_query())
-        self.transport_write(b"".join(out))
-        self.state = ClientState.IDLE
+        self.write(b"".join(out))
+        self.state = C_IDLE
         if self.proxy.settings.log_connections:
             logger.info(
                 "login", pool=self.pool.name, user=self.user, addr=self.addr, client_pid=self.pid
@@ -456,18 +469,18 @@ class ClientConn(asyncio.Protocol):
     def close(self, reason: str, *, log_it: bool = True) -> None:
         if self.transport is not None:
             self.transport.close()
-        if self.state is not ClientState.CLOSED:
+        if self.state is not C_CLOSED:
             self._gone(reason, log_it=log_it)
 
     def _gone(self, reason: str, *, log_it: bool = True) -> None:
         state = self.state
-        self.state = ClientState.CLOSED
+        self.state = C_CLOSED
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         if self.pool is not None:
             self.pool.client_gone(self, state, reason)
         self.proxy.client_disconnected(self)
-        if log_it and self.proxy.settings.log_disconnections and state is not ClientState.STARTUP:
+        if log_it and self.proxy.settings.log_disconnections and state is not C_STARTUP:
             logger.info(
                 "disconnect",
                 pool=self.pool.name if self.pool else None,

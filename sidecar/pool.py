@@ -17,7 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import log
 from .balancer import Instance, InstanceSet, InstanceState
-from .client import ClientConn, ClientState, setting_name
+from .client import (
+    C_CLOSED,
+    C_IDLE,
+    C_LINKED,
+    C_LOGIN,
+    C_SETUP,
+    C_WAITING,
+    ClientConn,
+    ClientState,
+    setting_name,
+)
 from .config import PoolConfig, Settings
 from .instances import Discovery
 from .protocol import messages as m
@@ -32,7 +42,17 @@ from .protocol.errors import (
 )
 from .protocol.frontend import PIN_FLAGS, Q_DISCARD, Q_SET
 from .protocol.statements import Registry
-from .server import ServerConn, ServerError, ServerState, make_ssl_context, open_server
+from .server import (
+    S_ACTIVE,
+    S_CLOSED,
+    S_CONNECTING,
+    S_IDLE,
+    ServerConn,
+    ServerError,
+    ServerState,
+    make_ssl_context,
+    open_server,
+)
 from .stats import Period, PoolStats, Totals
 
 if TYPE_CHECKING:
@@ -156,26 +176,25 @@ class Pool:
         old = server.state
         if old is new:
             return
-        if old is ServerState.CONNECTING:
+        if old is S_CONNECTING:
             self.connecting -= 1
-        elif old is ServerState.IDLE:
+        elif old is S_IDLE:
             if self.idle[-1] is server:
                 self.idle.pop()
             else:
                 self.idle.remove(server)
-        elif old is ServerState.ACTIVE:
+        elif old is S_ACTIVE:
             self.active.discard(server)
-        elif old is ServerState.CLOSED:
+        elif old is S_CLOSED:
             raise AssertionError("a closed server never comes back")
         server.state = new
-        if new is ServerState.CLOSED and server.instance is not None:
+        if new is S_CLOSED and server.instance is not None:
             server.instance.servers -= 1
-        if new is ServerState.IDLE:
-            server.last_used = time.monotonic()
-            self.idle.append(server)
-        elif new is ServerState.ACTIVE:
+        if new is S_IDLE:
+            self.idle.append(server)  # last_used: set by _release, the one way here
+        elif new is S_ACTIVE:
             self.active.add(server)
-        elif new is ServerState.CONNECTING:
+        elif new is S_CONNECTING:
             self.connecting += 1
 
     # -- clients -------------------------------------------------------------------------------
@@ -194,7 +213,7 @@ class Pool:
         if self.idle and not self.paused and not self.waiters:
             self._link(client, self.idle[-1])
             return
-        client.state = ClientState.WAITING
+        client.state = C_WAITING
         client.wait_started = time.monotonic()
         self.waiters.append(client)
         self._fill()
@@ -204,20 +223,20 @@ class Pool:
 
     def client_gone(self, client: ClientConn, state: ClientState, reason: str) -> None:
         """A client disconnected (or was closed) while in `state`."""
-        if state is ClientState.WAITING:
+        if state is C_WAITING:
             with contextlib.suppress(ValueError):
                 self.waiters.remove(client)
-        elif state is ClientState.LOGIN:
+        elif state is C_LOGIN:
             if client in self.logins:
                 self.logins.remove(client)
-        elif state is ClientState.SETUP:
+        elif state is C_SETUP:
             return  # _sync_then_flush sees the client is gone and frees the server
         server = client.server
         if server is None or server.client is not client:
             return
         client.server = None
         server.client = None
-        if server.state is not ServerState.ACTIVE:
+        if server.state is not S_ACTIVE:
             return
         self._retire_session(client, server, reason)
 
@@ -248,7 +267,7 @@ class Pool:
             return  # connection_lost already moved it
         if error is not None or server.tx_status != _I:
             self.close_server(server, "reset query failed")
-        elif server.state is ServerState.ACTIVE:
+        elif server.state is S_ACTIVE:
             if "DISCARD ALL" in queries:
                 self._discarded(server.params)
                 if server.statements is not None:
@@ -264,25 +283,25 @@ class Pool:
 
     # -- servers -------------------------------------------------------------------------------
 
-    def transaction_done(self, server: ServerConn) -> None:
+    def transaction_done(self, server: ServerConn, now: float) -> None:
         """ReadyForQuery `I` with nothing outstanding (transaction mode): free the server."""
         client = server.client
-        if client is not None and (client.pins or client.frontend.flags):
-            # The transaction may have left session state: look before letting go.
-            client.state = ClientState.SETUP
-            self._spawn(self._after_transaction(client, server))
-            return
-        server.client = None
         if client is not None:
-            client.unlink()
-        self._release(server)
+            if client.pins or client.frontend.flags:
+                # The transaction may have left session state: look before letting go.
+                client.state = C_SETUP
+                self._spawn(self._after_transaction(client, server))
+                return
+            server.client = None
+            client.unlink(now)
+        self._release(server, now)
 
     def retire_dying(self, server: ServerConn) -> None:
         """The client's transaction ended and the backend then said FATAL: let the client go
         on elsewhere, close the server."""
         client = server.client
         server.client = None
-        if client is not None and client.state is ClientState.LINKED:
+        if client is not None and client.state is C_LINKED:
             client.unlink()
             if client.buffer:
                 self.acquire(client)
@@ -327,7 +346,7 @@ class Pool:
             if check_pins
             else set()
         )
-        if client.state is ClientState.CLOSED:
+        if client.state is C_CLOSED:
             client.pins = pins
             server.client = None
             self._retire_session(client, server, "client left")
@@ -348,7 +367,7 @@ class Pool:
                 for key, value in client.params.items():
                     if key not in defaults:
                         server.params[key] = value
-            client.transport_write(
+            client.write(
                 b"".join(
                     m.parameter_status(k, v)
                     for k, v in client.startup_params.items()
@@ -372,19 +391,19 @@ class Pool:
             logger.info("unpin", pool=self.name, addr=client.addr, client_pid=client.pid)
             client.pins = set()
         server.client = None
-        client.state = ClientState.LINKED
+        client.state = C_LINKED
         client.unlink()
         self._release(server)
         if client.buffer:
             self.acquire(client)
 
-    def _release(self, server: ServerConn) -> None:
+    def _release(self, server: ServerConn, now: float = 0.0) -> None:
         """Back to idle, or straight to the next waiter; retire it if its time is over."""
         if server.paused:
             # Paused for the client that just let go (its last result filled its socket):
             # that client's resume_writing will no longer reach us.
             server.resume_reading()
-        now = time.monotonic()
+        now = now or time.monotonic()
         server.last_used = now
         st = server.statements
         if server.out_of_step or (st is not None and not st.settled):
@@ -405,13 +424,13 @@ class Pool:
             self._fill()
             return
         if self.waiters and not self.paused:
-            self._link(self.waiters.popleft(), server)
+            self._link(self.waiters.popleft(), server, now)
             return
-        self._move(server, ServerState.IDLE)
+        self._move(server, S_IDLE)
 
-    def _link(self, client: ClientConn, server: ServerConn) -> None:
-        now = time.monotonic()
-        if client.state is ClientState.WAITING:
+    def _link(self, client: ClientConn, server: ServerConn, now: float = 0.0) -> None:
+        now = now or time.monotonic()
+        if client.state is C_WAITING:
             waited = now - client.wait_started
             self.stats.waited(waited)
             if waited > SLOW_WAIT and self._may_warn("slow_wait", now):
@@ -423,8 +442,8 @@ class Pool:
                     hint="pool too small for the load, or long transactions",
                 )
         else:
-            self.stats.waited(0.0)
-        self._move(server, ServerState.ACTIVE)
+            self.stats.waits += 1  # waited(0.0), without the call
+        self._move(server, S_ACTIVE)
         server.client = client
         server.linked_at = now
         client.server = server
@@ -433,10 +452,10 @@ class Pool:
         if sql is None and delay >= 0 and now - server.last_used > delay:
             sql = self.settings.server_check_query  # "" is an empty query: one round trip
         if sql is None:
-            client.flush_to(server)
+            client.flush_to(server, now)
         else:
             # Client bytes stay buffered until the server's settings are the client's.
-            client.state = ClientState.SETUP
+            client.state = C_SETUP
             self._spawn(self._sync_then_flush(client, server, sql))
 
     def _sync_sql(self, want: dict[str, str], have: dict[str, str]) -> str | None:
@@ -468,9 +487,9 @@ class Pool:
             error, _rows = await server.query_internal(sql)
         except ServerError:
             return  # connection_lost already moved it and told the client
-        if server.state is not ServerState.ACTIVE:
+        if server.state is not S_ACTIVE:
             return
-        if client.state is ClientState.CLOSED:
+        if client.state is C_CLOSED:
             server.client = None
             self._release(server)
             return
@@ -502,9 +521,9 @@ class Pool:
         client.flush_to(server)
 
     def close_server(self, server: ServerConn, reason: str) -> None:
-        if server.state is ServerState.CLOSED:
+        if server.state is S_CLOSED:
             return
-        self._move(server, ServerState.CLOSED)
+        self._move(server, S_CLOSED)
         server.close_reason = reason
         client = server.client
         server.client = None
@@ -531,7 +550,7 @@ class Pool:
     ) -> ClientConn | None:
         """A server went away while its client's bytes were still held back (link setup):
         serve the client elsewhere. Returns the client if it must be told instead."""
-        if client is None or client.state is not ClientState.SETUP or client.pins:
+        if client is None or client.state is not C_SETUP or client.pins:
             return client
         logger.info(
             "server_lost_retry",
@@ -542,20 +561,20 @@ class Pool:
         )
         client.server = None
         if client.buffer:
-            client.state = ClientState.WAITING
+            client.state = C_WAITING
             client.wait_started = time.monotonic()
             self.waiters.appendleft(client)
         else:
-            client.state = ClientState.IDLE
+            client.state = C_IDLE
         return None
 
     def server_lost(self, server: ServerConn, reason: str) -> None:
         """The server's transport closed under us (crash, terminate, network)."""
-        if server.state is ServerState.CLOSED:
+        if server.state is S_CLOSED:
             return
         client = server.client
         server.client = None
-        self._move(server, ServerState.CLOSED)
+        self._move(server, S_CLOSED)
         server.close_reason = reason
         client = self._requeue(client, server, reason)
         logger.warning(
@@ -835,10 +854,7 @@ class Pool:
                     )
         if s.client_idle_timeout:
             for client in self.proxy.clients_of(self):
-                if (
-                    client.state is ClientState.IDLE
-                    and now - client.last_active >= s.client_idle_timeout
-                ):
+                if client.state is C_IDLE and now - client.last_active >= s.client_idle_timeout:
                     client.fail(
                         IDLE_SESSION_TIMEOUT,
                         "terminating connection due to client_idle_timeout",

@@ -13,6 +13,7 @@ import random
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from . import log
@@ -41,11 +42,19 @@ _S = ord("S")
 _I = ord("I")
 
 
+def _unconnected(data: bytes) -> None:
+    raise ConnectionError("no transport yet")
+
+
 class ServerState(enum.Enum):
     CONNECTING = "connecting"  #: opening TCP/TLS and authenticating; counted by Pool.connecting
     IDLE = "idle"  #: in Pool.idle, ready for a client
     ACTIVE = "active"  #: in Pool.active, linked to a client (or running an internal query for one)
     CLOSED = "closed"  #: in no list; transport closed or closing
+
+
+# The members as module globals (see client.py).
+S_CONNECTING, S_IDLE, S_ACTIVE, S_CLOSED = ServerState
 
 
 class ServerError(Exception):
@@ -97,7 +106,9 @@ class ServerConn(asyncio.Protocol):
         self.host = host
         self.port = port
         self.transport: asyncio.Transport | None = None
-        self.state = ServerState.CONNECTING
+        #: The transport's write (a bound method: one call less per message).
+        self.write: Callable[[bytes], object] = _unconnected
+        self.state = S_CONNECTING
         self.client: ClientConn | None = None
         self.params: dict[str, str] = {}
         self.pid = 0
@@ -142,12 +153,12 @@ class ServerConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write
         set_nodelay(self.transport, keepalive=True)
 
     def data_received(self, data: bytes) -> None:
-        inbuf = self._inbuf
-        if inbuf is not None:
-            inbuf += data
+        if self._inbuf is not None:
+            self._inbuf += data
             self._wake()
             return
         backend = self.backend
@@ -157,24 +168,13 @@ class ServerConn(asyncio.Protocol):
             self.pool.close_server(self, f"server protocol violation: {exc}")
             return
         client = self.client
-        if backend.params is not None:
-            for name, value in backend.params:
-                self.params[name] = value
-                if client is not None:
-                    client.params[name] = value
-        st = self.stats
-        if backend.errors:
-            st.errors += backend.errors
-            self.fatal_seen = self.fatal_seen or backend.fatal
-        if client is None:
-            # Async messages (NOTICE, ParameterStatus) while idle in the pool: nobody to tell.
-            if self.fatal_seen and self.state is ServerState.IDLE:
-                # Going away (terminated, shut down): out of the idle list now, before a
-                # client is handed a server whose goodbye it never saw.
-                self.pool.close_server(self, "server sent FATAL while idle")
+        if backend.rare and self._rare(backend, client):
             return
+        if client is None:
+            return  # async messages (NOTICE, ParameterStatus) while idle in the pool
+        st = self.stats
         if out:
-            client.transport_write(out)
+            client.write(out)
             st.bytes_out += len(out)
         zs = backend.zs
         if zs:
@@ -186,7 +186,7 @@ class ServerConn(asyncio.Protocol):
             if backend.xacts:
                 st.xacts += backend.xacts
                 st.xact_time += now - self.xact_start
-            if backend.fatal_cut:
+            if backend.rare and backend.fatal_cut:
                 if (
                     self.transaction_mode
                     and not self.pending
@@ -200,22 +200,39 @@ class ServerConn(asyncio.Protocol):
                     return
                 # The client still counts on this server (session mode, pinned, more
                 # requests in flight): the FATAL is its news.
-                client.transport_write(backend.cut)
+                client.write(backend.cut)
             if (
-                self.transaction_mode
-                and not self.pending
+                not self.pending
+                and self.transaction_mode
                 and backend.tx_status == _I
                 and not self.dirty_tail
                 and backend.at_boundary
             ):
-                self.pool.transaction_done(self)
+                self.pool.transaction_done(self, now)
+
+    def _rare(self, backend: Backend, client: ClientConn | None) -> bool:
+        """ParameterStatus and errors in the last feed. True if the server was closed."""
+        if backend.params is not None:
+            for name, value in backend.params:
+                self.params[name] = value
+                if client is not None:
+                    client.params[name] = value
+        if backend.errors:
+            self.stats.errors += backend.errors
+            self.fatal_seen = self.fatal_seen or backend.fatal
+        if client is None and self.fatal_seen and self.state is S_IDLE:
+            # Going away (terminated, shut down): out of the idle list now, before a client
+            # is handed a server whose goodbye it never saw.
+            self.pool.close_server(self, "server sent FATAL while idle")
+            return True
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost_called = True
         self._lost = exc or ConnectionResetError("server closed the connection")
         self._wake()
         # While connecting, the handshake's awaiter sees the loss and reports the failure.
-        if self.state not in (ServerState.CLOSED, ServerState.CONNECTING):
+        if self.state not in (S_CLOSED, S_CONNECTING):
             reason = "server closed the connection unexpectedly"
             if self.fatal_seen:
                 reason = "server sent FATAL and closed the connection"
@@ -240,17 +257,6 @@ class ServerConn(asyncio.Protocol):
         return self.backend.at_boundary
 
     # -- forwarding ---------------------------------------------------------------------------
-
-    def started(self, now: float) -> None:
-        """The client sends bytes: start the clocks if nothing was in flight."""
-        if not self.pending:
-            self.query_start = now
-            if self.tx_status == _I:
-                self.xact_start = now
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -359,7 +365,7 @@ class ServerConn(asyncio.Protocol):
                 rows.append(m.parse_data_row(body))
             elif typ == ord("A") and self.client is not None:
                 # A NOTIFY for a pinned LISTEN client, arriving during our own query.
-                self.client.transport_write(m.message(b"A", body))
+                self.client.write(m.message(b"A", body))
             elif typ == ord("E") and error is None:
                 error = m.parse_error_fields(body)
         self.enter_data_mode()
@@ -395,6 +401,7 @@ class ServerConn(asyncio.Protocol):
                 if new is None:
                     raise ServerError(SQLCLIENT_UNABLE_TO_ESTABLISH, "TLS failed", retryable=True)
                 self.transport = new
+                self.write = new.write
                 self.tls = True
             elif answer == ord("N"):
                 if sslmode not in ("allow", "prefer"):

@@ -619,7 +619,7 @@ class FakeClient:
         self.closed_because: str | None = None
         self.violation: str | None = None
 
-    def transport_write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         self.sent += data
 
     def close(self, reason: str) -> None:

@@ -40,12 +40,14 @@ class Backend:
         "_batch_parses",
         "_held",
         "_skip",
+        "at_boundary",
         "copy_in",
         "cut",
         "errors",
         "fatal",
         "fatal_cut",
         "params",
+        "rare",
         "tx_status",
         "xacts",
         "zs",
@@ -60,41 +62,44 @@ class Backend:
         self.tx_status = _I
         #: The server said CopyInResponse and has not finished that request yet.
         self.copy_in = False
-        #: Of the last feed: ReadyForQuery count, those with status I, ErrorResponses,
-        #: whether one was FATAL/PANIC, and ParameterStatus (name, value) pairs.
+        #: Everything handed out so far ends on a message boundary.
+        self.at_boundary = True
+        #: Of the last feed: ReadyForQuery count, and those with status I.
         self.zs = 0
         self.xacts = 0
+        #: The last feed saw an ErrorResponse or ParameterStatus: look at the fields below.
+        self.rare = False
+        #: Of the last feed (valid when `rare`): ErrorResponses, whether one was FATAL/PANIC,
+        #: and ParameterStatus (name, value) pairs.
         self.errors = 0
         self.fatal = False
-        #: A FATAL came after a ReadyForQuery in the last feed: what precedes it was handed out,
-        #: the FATAL and what follows were not.
+        self.params: list[tuple[str, str]] | None = None
+        #: A FATAL came after a ReadyForQuery in the last feed (valid when `rare`): what
+        #: precedes it was handed out, the FATAL and what follows were not.
         self.fatal_cut = False
         #: The bytes held back from the client by `fatal_cut`.
         self.cut = b""
-        self.params: list[tuple[str, str]] | None = None
-
-    @property
-    def at_boundary(self) -> bool:
-        """Everything handed out so far ends on a message boundary."""
-        return not self._skip and not self._held
 
     def reset(self) -> None:
         self._skip = 0
         self._held = b""
         self._batch_parses = self._batch_closes = 0
+        self.at_boundary = True
 
     def feed(self, data: bytes, ctx: ServerStatements | None = None) -> bytes:
         """Bytes for the client; `ctx` is the server's statement bookkeeping, if any."""
         if self._held:
             data = self._held + data
             self._held = b""
-        self.zs = self.xacts = self.errors = 0
-        self.fatal_cut = False
-        self.params = None
+        if self.rare:
+            self.rare = self.fatal_cut = False
+            self.errors = 0
+            self.params = None
+        zs = xacts = 0
         n = len(data)
         pos = 0
         if self._skip:
-            pos = min(self._skip, n)
+            pos = self._skip if self._skip < n else n
             self._skip -= pos
         out: list[bytes] | None = None
         copied = 0
@@ -107,15 +112,38 @@ class Backend:
             if length < 4 or length > MAX_MESSAGE_LENGTH:
                 raise ProtocolError(f"invalid message length {length} from server")
             end = pos + 1 + length
-            if typ in _WHOLE:
+            if typ == _Z:  # the one whole message of every answer: inline
                 if end > n:
                     self._held = data[pos:]
                     break
-                if typ == _E and self.zs and self.tx_status == _I and _is_fatal(data, pos, end):
+                status = data[pos + 5] if length > 4 else _I
+                self.tx_status = status
+                self.copy_in = False
+                zs += 1
+                if status == _I:
+                    xacts += 1
+                if ctx is not None:
+                    if ctx.fixups or ctx.binds:
+                        repl = self._ready(ctx)
+                        if repl is not None:
+                            # A stand-in's CommandComplete goes before the ReadyForQuery.
+                            if out is None:
+                                out = []
+                            out.append(data[copied:pos])
+                            out.append(repl)
+                            copied = pos
+                    else:
+                        ctx.recv_z += 1
+                        self._batch_parses = self._batch_closes = 0
+            elif typ in _WHOLE:
+                if end > n:
+                    self._held = data[pos:]
+                    break
+                if typ == _E and zs and self.tx_status == _I and _is_fatal(data, pos, end):
                     # Behind a ReadyForQuery I: the transaction is over, so maybe not an answer
                     # to anything the client waits for (the caller decides; `cut` keeps it).
                     # Behind T or E it is: the client's open transaction died with it.
-                    self.fatal = self.fatal_cut = True
+                    self.rare = self.fatal = self.fatal_cut = True
                     self.cut = bytes(data[pos:])
                     self.errors += 1
                     n = pos
@@ -141,6 +169,9 @@ class Backend:
                 pos = n
                 break
             pos = end
+        self.zs = zs
+        self.xacts = xacts
+        self.at_boundary = not self._skip and not self._held
         limit = n - len(self._held) if self._held else n
         if out is None:
             return data if limit == len(data) else data[:limit]
@@ -155,24 +186,14 @@ class Backend:
         if typ == _COPY_IN_RESPONSE:
             self.copy_in = True
             return None
-        if typ == _Z:
-            status = data[pos + 5] if end > pos + 5 else _I
-            self.tx_status = status
-            self.copy_in = False
-            self.zs += 1
-            if status == _I:
-                self.xacts += 1
-            if ctx is None:
-                return None
-            repl = self._ready(ctx)
-            # A stand-in's CommandComplete goes before the ReadyForQuery, which always passes.
-            return None if repl is None else repl + data[pos:end]
         if typ == _S:
+            self.rare = True
             if self.params is None:
                 self.params = []
             self.params.append(parse_parameter_status(data[pos + 5 : end]))
             return None
         if typ == _E:
+            self.rare = True
             self.errors += 1
             body = data[pos + 5 : end]
             if _is_fatal(data, pos, end):

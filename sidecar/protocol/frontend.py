@@ -282,7 +282,11 @@ class Frontend:
                 if end > n:
                     self._held = data[pos:]
                     break
-                repl = self._inspect(typ, data, pos + 5, end, ctx, registry)
+                if typ == _Q:  # most of them: no call at all when the text has no effect
+                    sql = data[pos + 5 : end - 1]
+                    repl = None if _plain(sql) else self._query(sql, ctx)
+                else:
+                    repl = self._inspect(typ, data, pos + 5, end, ctx, registry)
                 if repl is not None:
                     if out is None:
                         out = []
@@ -292,7 +296,10 @@ class Frontend:
             if typ in _REQUESTS:
                 requests += 1
                 if ctx is not None:
-                    self._sync_point(ctx)
+                    ctx.sent_syncs += 1
+                    ctx.batch_parses = ctx.batch_closes = 0
+                    if ctx.open_specials or ctx.open_binds:
+                        self._sync_point(ctx)
             if typ in _COPY_WATCH:
                 if typ == _EXECUTE:
                     self._exec_syncs = 0
@@ -347,8 +354,6 @@ class Frontend:
         registry: Registry | None,
     ) -> bytes | None:
         """Look at one whole message; return its replacement bytes, or None to send it as is."""
-        if typ == _Q:
-            return self._query(data[start : end - 1], ctx)
         if typ == _P:
             nul = _nul(data, start, end)
             name = data[start:nul]
@@ -415,7 +420,8 @@ class Frontend:
                 ctx.forget_all()
 
     def _query(self, sql: bytes, ctx: ServerStatements | None) -> bytes | None:
-        flags, names = classify(sql)
+        """A Query whose text the first look could not clear."""
+        flags, names = classify_fully(sql)
         if not flags:
             return None
         target = deallocate_target(sql) if flags & Q_DEALLOCATE else None
@@ -507,8 +513,7 @@ class Frontend:
             ctx.sent_syncs -= 1
 
     def _sync_point(self, ctx: ServerStatements) -> None:
-        ctx.sent_syncs += 1
-        ctx.batch_parses = ctx.batch_closes = 0
+        """A sync point ended a batch with specials or binds (sent_syncs already counted)."""
         if ctx.open_specials:
             ctx.fixups[ctx.sent_syncs] = ctx.open_specials
             ctx.open_specials = []
