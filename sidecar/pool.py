@@ -215,8 +215,13 @@ class Pool:
             return
         client.state = C_WAITING
         client.wait_started = time.monotonic()
-        self.waiters.append(client)
-        self._fill()
+        waiters = self.waiters
+        waiters.append(client)
+        s = self.settings
+        if len(waiters) > self.connecting and self.size < s.default_pool_size + s.reserve_pool_size:
+            # Room to open one. A full pool (the busy steady state) skips _fill; its
+            # pool_full warning and the reserve pool's timeout come from the janitor's.
+            self._fill()
 
     def canonical(self, params: dict[str, str]) -> dict[str, str]:
         return {k: self._canon.get((k, v), v) for k, v in params.items()}

@@ -560,6 +560,8 @@ def test_classify_nothing(sql: str) -> None:
         ("/* app:web */ LISTEN ch", Q_LISTEN),
         ("/* a */ /* b */\ndiscard all", Q_DISCARD),
         ("EXPLAIN ANALYZE CREATE TEMP TABLE x AS SELECT 1", Q_TEMP),
+        ("select * into temp t from x", Q_TEMP),
+        ("SELECT a INTO TEMPORARY TABLE t FROM x", Q_TEMP),
     ],
 )
 def test_classify_session_state(sql: str, flags: int) -> None:
@@ -811,42 +813,53 @@ def test_frontend_rejects_message_types_no_client_sends(typ: bytes) -> None:
         Frontend(inspect=False).feed(msg(b"S") + msg(typ, b"x"))
 
 
-_FRAGMENTS = [
+_STATEMENTS = [
     "SELECT 1",
-    "set",
-    "SET",
-    "reset",
-    "Set search_path = x",
+    "select abalance from pgbench_accounts where aid = 1",
+    "UPDATE t SET x = 1",
+    "update t\nset x = 1 where id = 2",
+    "insert into settings values ('hold', 'temp')",
+    "set x = 1",
+    "SET search_path = x",
+    "Set time zone 'UTC'",
     "RESET ALL",
+    "reset x",
     "listen x",
     "PREPARE p AS SELECT 1",
     "prepare transaction 'x'",
     "DISCARD ALL",
     "deallocate p",
+    "DEALLOCATE ALL",
     "create temp table t (x int)",
     "CREATE GLOBAL TEMPORARY TABLE t ()",
-    "declare c cursor",
+    "create table t (x int)",
+    "declare c cursor for select 1",
     "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
     "select pg_advisory_lock(1)",
     "SELECT PG_TRY_ADVISORY_LOCK_SHARED (2)",
     "select set_config('a.b', 'c', false)",
-    "UPDATE t SET x = 1",
-    "/* app:x */ SET x = 1",
-    "-- tag\nlisten y",
-    "/* a */ /* b */ discard all",
-    "settings",
-    "-- set x\n",
-    "'; set'",
-    ";",
-    " ",
-    "\n\t",
-    "temp",
-    "hold",
+    "select * into temp t from x",
+    "SELECT * INTO TEMPORARY t FROM x",
+    "explain analyze create temp table t as select 1",
+    "begin",
+    "COMMIT",
+    "with x as (select 1) select * from x",
+    "do $$begin perform pg_advisory_lock(1); end$$",
 ]
+_PREFIXES = ["", " ", "\n\t", "/* app:web */ ", "-- tag\n", "/* a */ /* b */\n"]
 
 
-@settings(max_examples=400, deadline=None, database=None)
-@given(st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=5))
-def test_first_look_never_hides_a_session_effect(parts: list[str]) -> None:
-    sql = " ".join(parts).encode()
+@settings(max_examples=500, deadline=None, database=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_PREFIXES), st.sampled_from(_STATEMENTS)),
+        min_size=1,
+        max_size=3,
+    ),
+    st.sampled_from(["", ";", "; ", ";\n"]),
+)
+def test_first_look_never_hides_a_session_effect(
+    statements: list[tuple[str, str]], end: str
+) -> None:
+    sql = ("; ".join(prefix + text for prefix, text in statements) + end).encode()
     assert classify(sql) == classify_fully(sql), sql
