@@ -542,6 +542,40 @@ def test_workers_die_with_their_parent(proxy_factory: ProxyFactory) -> None:
     poll_until(lambda: not any(alive(pid) for pid in children), what="the workers gone")
 
 
+def test_console_answers_for_its_worker_and_shutdown_stops_all(proxy_factory: ProxyFactory) -> None:
+    proxy = start(proxy_factory, SIDECAR_DEFAULT_POOL_SIZE=5)
+    by_worker: dict[int, psycopg.Connection[Any]] = {}
+    for _ in range(100):
+        if len(by_worker) == 2:
+            break
+        conn = psycopg.connect(proxy.dsn(dbname="sidecar"), autocommit=True)
+        w = worker_of(conn)
+        if w in by_worker:
+            conn.close()
+        else:
+            by_worker[w] = conn
+    assert len(by_worker) == 2
+    try:
+        for w, conn in by_worker.items():
+            assert conn.execute("SHOW WORKERS").fetchall() == [
+                (w, 2, conn.execute("SHOW WORKERS").fetchone()[2])
+            ]  # type: ignore[index]
+            row = conn.execute("SHOW DATABASES").fetchone()
+            assert row is not None and row[5] == (3, 2)[w]  # pool_size: this worker's share
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="SIDECAR_WORKERS=2"):
+                conn.execute("PAUSE")
+        pids = {w: c.execute("SHOW WORKERS").fetchone()[2] for w, c in by_worker.items()}  # type: ignore[index]
+        assert pids[0] == proxy.proc.pid and pids[1] != pids[0]
+        by_worker[1].execute("SHUTDOWN")
+    finally:
+        for conn in by_worker.values():
+            conn.close()
+    # SHUTDOWN on worker 1 stops the whole sidecar
+    assert proxy.proc.wait(10) == 0
+    assert not alive(pids[1])
+    assert events(proxy, "shutdown", worker="0", reason="admin SHUTDOWN on worker 1")
+
+
 def test_start_sidecar_with_two_workers(pg: PostgresServer, tmp_path: Path) -> None:
     """bin/start-sidecar: worker 0 in the launcher's process; the app reaches both workers."""
     out = tmp_path / "workers.txt"
