@@ -423,9 +423,12 @@ async def _exited_in_thread(proc: subprocess.Popen[bytes]) -> int:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int] = loop.create_future()
 
+    def exited(code: int) -> None:
+        if not done.done():  # not cancelled meanwhile
+            done.set_result(code)
+
     def wait() -> None:
-        code = proc.wait()
-        loop.call_soon_threadsafe(done.set_result, code)
+        loop.call_soon_threadsafe(exited, proc.wait())
 
     # Not the default executor: its few threads serve DNS and the like.
     threading.Thread(target=wait, name=f"worker-{proc.pid}", daemon=True).start()

@@ -38,6 +38,7 @@ from test_followers import Backends, Load, Watch, events, eventually, spread_is,
 from sidecar.config import MAX_WORKERS, ConfigError, PoolConfig, Settings, load_settings, parse_url
 from sidecar.workers import (
     Worker,
+    _exited,
     config_blob,
     read_config,
     share,
@@ -222,6 +223,33 @@ def test_pids_name_their_worker() -> None:
                 pid = w.new_pid()
                 assert 0 < pid < 2**31
                 assert pid % count == index == w.owner(pid)
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+async def test_a_child_exit_is_noticed_without_blocking_the_loop(
+    pidfd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not pidfd:  # a kernel before 5.3
+
+        def no_pidfd(pid: int, flags: int = 0) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3); exit(3)"])
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        assert await asyncio.wait_for(_exited(proc), 10) == 3
+    finally:
+        ticker.cancel()
+    assert ticks >= 10
 
 
 def test_the_configuration_reaches_a_child_intact() -> None:
