@@ -7,7 +7,7 @@ import sys
 
 from . import log
 from .config import ConfigError, load_settings, pools_from_args, pools_from_env
-from .proxy import Proxy
+from .workers import make_proxy, worker_count
 
 
 def run_loop(main: object) -> None:
@@ -30,14 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, fallbacks = load_settings()
         pools = pools_from_args(args) if args else pools_from_env(settings)
+        workers, how = worker_count(settings, pools)
     except ConfigError as exc:
         logger.error("config_error", error=str(exc))
         return 2
     if fallbacks:
         logger.info("pgbouncer_vars_used", vars=",".join(fallbacks))
+    if how:
+        logger.info("workers", workers=workers, chosen=how)
 
     async def _serve() -> None:
-        await Proxy(settings, pools).serve()
+        await make_proxy(settings, pools, workers).serve()
 
     try:
         run_loop(_serve())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import re
 import socket
 import struct
@@ -282,6 +283,7 @@ INSTANCES_COLUMNS = _columns(
     " last_seen_age:float8 failures:int8 connect_ms:float8"
 )
 LISTS_COLUMNS = _columns("list items:int8")
+WORKERS_COLUMNS = _columns("worker:int8 workers:int8 pid:int8")
 HELP_COLUMNS = _columns("command description")
 
 #: PgBouncer console commands this console knows but does not offer (0A000, not 42601).
@@ -321,6 +323,7 @@ HELP = (
     ("SHOW INSTANCES", "the PostgreSQL instances behind each pool"),
     ("SHOW CONFIG", "every setting, its default and whether RELOAD can change it"),
     ("SHOW LISTS", "sizes of the internal lists"),
+    ("SHOW WORKERS", "the worker process this console reached, of SIDECAR_WORKERS"),
     ("SHOW VERSION", "pg-sidecar's version"),
     ("SHOW HELP", "this list"),
     ("PAUSE [pool]", "stop handing out servers; completes once every busy server is back"),
@@ -441,6 +444,7 @@ class Console:
             "version": _Show(VERSION_COLUMNS, self.show_version),
             "instances": _Show(INSTANCES_COLUMNS, self.show_instances),
             "lists": _Show(LISTS_COLUMNS, self.show_lists),
+            "workers": _Show(WORKERS_COLUMNS, self.show_workers),
             "help": _Show(HELP_COLUMNS, self.show_help),
         }
 
@@ -455,6 +459,8 @@ class Console:
         args = tokens[1:]
         if verb == "show":
             return self._plan_show(args)
+        if verb in ("pause", "resume", "reconnect", "reload"):
+            self._one_worker_only(verb)
         if verb in ("pause", "resume", "reconnect"):
             pools = self._pools(self._at_most_one(verb, args))
             if verb == "pause":
@@ -499,6 +505,17 @@ class Console:
             return Result("SHOW", show.rows())
 
         return Plan(show.columns, run)
+
+    def _one_worker_only(self, verb: str) -> None:
+        """With several workers these would change one worker's pools and not the others'."""
+        w = self.proxy.worker
+        if w is not None:
+            raise AdminError(
+                FEATURE_NOT_SUPPORTED,
+                f"{verb.upper()} is not supported with SIDECAR_WORKERS={w.count}: this console"
+                f" reached worker {w.index}, and it would act on that worker's pools only",
+                hint="restart the sidecar to apply new settings, or run SIDECAR_WORKERS=1",
+            )
 
     @staticmethod
     def _no_args(what: str, args: list[Token]) -> None:
@@ -804,6 +821,16 @@ class Console:
             {"list": "login_servers", "items": sum(p.connecting for p in pools)},
         ]
 
+    def show_workers(self) -> list[Row]:
+        w = self.proxy.worker
+        return [
+            {
+                "worker": 0 if w is None else w.index,
+                "workers": 1 if w is None else w.count,
+                "pid": os.getpid(),
+            }
+        ]
+
     def show_help(self) -> list[Row]:
         return [{"command": c, "description": d} for c, d in HELP]
 
@@ -838,6 +865,9 @@ class Console:
 
     def shutdown(self) -> Result:
         self._log("shutdown")
+        if self.proxy.worker is not None:
+            # Every worker stops, as with SIGTERM: worker 0 tells the others.
+            self.proxy.worker.stop_all(f"admin SHUTDOWN on worker {self.proxy.worker.index}")
         self.proxy.shutdown("admin SHUTDOWN")
         # Other consoles would hold the drain open until shutdown_timeout; app clients finish.
         for other in list(self.proxy.clients):

@@ -22,6 +22,8 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 POOL_MODES = ("transaction", "session")
 AUTH_TYPES = ("scram-sha-256", "md5")
 URL_STYLES = ("tcp", "unix")
+#: Most proxy processes SIDECAR_WORKERS may ask for (a performance dyno has at most 8 cores).
+MAX_WORKERS = 64
 
 # URL query parameters that configure the connection itself, not the server session.
 _LIBPQ_CONNECTION_KEYS = {
@@ -176,6 +178,8 @@ class Settings:
     #: An address missing from DNS answers this long is dropped once it also fails a check.
     dns_forget_after: float = 120.0
     url_style: str = "tcp"  # how the launcher exports URLs to the app: tcp or unix
+    #: Proxy processes: a number, or "auto" for the CPUs this process may use (workers.py).
+    workers: str = "1"
 
 
 # Settings that PgBouncer's Heroku buildpack users already set under PGBOUNCER_*.
@@ -284,6 +288,23 @@ def _validate(s: Settings) -> None:
     if s.dns_min_interval <= 0:
         raise ConfigError("SIDECAR_DNS_MIN_INTERVAL must be more than 0 seconds")
     parse_nameservers(s.dns_nameservers)
+    parse_workers(s.workers)
+
+
+def parse_workers(text: str) -> int | None:
+    """SIDECAR_WORKERS as a number of processes, or None for `auto`."""
+    value = text.strip().lower()
+    if value == "auto":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_WORKERS:
+        raise ConfigError(
+            f"SIDECAR_WORKERS must be auto or a number from 1 to {MAX_WORKERS}, got {text!r}"
+        )
+    return number
 
 
 def parse_nameservers(text: str) -> list[tuple[str, int]]:

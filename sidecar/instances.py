@@ -91,6 +91,9 @@ class Discovery:
         #: TTL of the last answer (None: none yet, or no TTL known).
         self.last_ttl: float | None = None
         self.refreshes = 0
+        #: Called with the addresses of each DNS answer (SIDECAR_WORKERS > 1: the other
+        #: workers learn them too, see workers.py).
+        self.on_answer: Callable[[list[str]], None] | None = None
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._use_hosts = False
         self._task: asyncio.Task[None] | None = None
@@ -228,7 +231,15 @@ class Discovery:
             logger.warning("dns_failed", host=self.host, error=error, known=len(self.instance_set))
         self.last_error = error
 
-    def _apply(self, addrs: Iterable[str]) -> None:
+    def seen_elsewhere(self, addrs: Iterable[str]) -> None:
+        """An answer another worker got for this host: as good as our own."""
+        if not self.instance_set.static:
+            self._apply(addrs, shared=True)
+
+    def _apply(self, addrs: Iterable[str], *, shared: bool = False) -> None:
+        if not shared and self.on_answer is not None and not self.instance_set.static:
+            addrs = list(addrs)
+            self.on_answer(addrs)
         now = self.clock()
         added = self.instance_set.seen(addrs, now, time.time())
         gone = self.instance_set.expire(now, self.settings.dns_forget_after)

@@ -33,6 +33,7 @@ from . import log
 from .__main__ import run_loop
 from .config import ConfigError, PoolConfig, Settings, _convert, load_settings, pools_from_env
 from .proxy import LISTEN_ADDR, Proxy
+from .workers import make_proxy, worker_count
 from .yamlconfig import apply_file
 
 T = TypeVar("T")
@@ -111,6 +112,10 @@ class Plan:
     #: PGBOUNCER_* vars read because their SIDECAR_* twin was unset
     fallbacks: list[str]
     config_file: Path | None
+    #: proxy processes (SIDECAR_WORKERS, `auto` resolved)
+    workers: int = 1
+    #: how `auto` chose the number of workers (None when SIDECAR_WORKERS is a number)
+    workers_auto: str | None = None
 
 
 def plan(environ: Mapping[str, str], cwd: Path) -> Plan:
@@ -122,12 +127,15 @@ def plan(environ: Mapping[str, str], cwd: Path) -> Plan:
         pools, settings, {p.name: var for p, var in zip(pools, names, strict=True)}, environ, cwd
     )
     by_var = dict(zip(names, pools, strict=True))
+    workers, how = worker_count(settings, pools)
     return Plan(
         settings=settings,
         pools=by_var,
         env=rewrite_env(environ, settings, by_var),
         fallbacks=fallbacks,
         config_file=config_file,
+        workers=workers,
+        workers_auto=how,
     )
 
 
@@ -343,12 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         if pool.overrides:
             fields["overrides"] = ",".join(f"{k}={v}" for k, v in pool.overrides.items())
         logger.info("launch", **fields)
+    if the_plan.workers_auto:
+        logger.info("workers", workers=the_plan.workers, chosen=the_plan.workers_auto)
+    pools = list(the_plan.pools.values())
     launcher = Launcher(
         s,
-        list(the_plan.pools.values()),
+        pools,
         the_plan.env,
         args,
         on_heroku=bool(os.environ.get("DYNO")),
+        proxy=make_proxy(s, pools, the_plan.workers),
     )
     result: list[int] = []
 

@@ -9,7 +9,7 @@ import secrets
 import signal
 import time
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import log, stats
 from .client import ClientConn
@@ -17,6 +17,9 @@ from .config import PoolConfig, Settings
 from .pool import Pool
 from .protocol.errors import ADMIN_SHUTDOWN
 from .server import send_cancel
+
+if TYPE_CHECKING:
+    from .workers import Worker
 
 logger = log.get()
 
@@ -28,8 +31,12 @@ LISTEN_ADDR = "127.0.0.1"
 class Proxy:
     """Owns every pool and client; one per process."""
 
-    def __init__(self, settings: Settings, pools: list[PoolConfig]) -> None:
+    def __init__(
+        self, settings: Settings, pools: list[PoolConfig], *, worker: Worker | None = None
+    ) -> None:
         self.settings = settings
+        #: This process's place among SIDECAR_WORKERS > 1 processes (settings are its share).
+        self.worker = worker
         self.pools: dict[str, Pool] = {p.name: Pool(self, p, p.settings(settings)) for p in pools}
         self.clients: set[ClientConn] = set()
         self.logged_in = 0
@@ -45,11 +52,19 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
-        tcp = await loop.create_server(
-            lambda: ClientConn(self), LISTEN_ADDR, s.port, reuse_address=True, backlog=4096
-        )
+        w = self.worker
+        if w is None:
+            tcp = await loop.create_server(
+                lambda: ClientConn(self), LISTEN_ADDR, s.port, reuse_address=True, backlog=4096
+            )
+        else:
+            tcp = await w.tcp_server(loop, lambda: ClientConn(self), s.port)
         self._servers.append(tcp)
-        if s.socket_dir:
+        unix: asyncio.Server | None = None
+        if w is not None and w.unix_fd is not None:
+            unix = await w.unix_server(loop, lambda: ClientConn(self))
+            self._servers.append(unix)
+        elif s.socket_dir:
             self.socket_path = os.path.join(s.socket_dir, f".s.PGSQL.{s.port}")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
@@ -59,6 +74,8 @@ class Proxy:
             # Only this dyno's own user may talk to the pool.
             os.chmod(self.socket_path, 0o600)
             self._servers.append(unix)
+        if w is not None:
+            await w.start(self, unix)
         for pool in self.pools.values():
             # Listening first: a client arriving before DNS answers just waits for it.
             self._spawn(pool.start())
@@ -67,9 +84,10 @@ class Proxy:
         logger.info(
             "listening",
             addr=f"{LISTEN_ADDR}:{s.port}",
-            socket=self.socket_path or None,
+            socket=self.socket_path or (w.unix_path if w else None),
             pool_mode=s.pool_mode,
             pools=",".join(self.pools),
+            **({} if w is None else {"workers": w.count, "pid": os.getpid()}),
         )
         for pool in self.pools.values():
             logger.info(
@@ -108,6 +126,8 @@ class Proxy:
         # clients already in keep being served, since the app finishes its own requests now.
         for pool in self.pools.values():
             pool.close_idle("shutdown")
+        if self.worker is not None:
+            self.worker.shutdown(why)
         self._spawn(self._drain())
 
     async def _drain(self) -> None:
@@ -123,6 +143,9 @@ class Proxy:
         for pool in self.pools.values():
             pool.close_all("shutdown")
             await pool.stop()
+        if self.worker is not None:
+            # Worker 0 keeps listening (and refusing with 57P01) while the others drain.
+            await self.worker.close(deadline)
         for srv in self._servers:
             srv.close()
         if self.socket_path:
@@ -154,9 +177,15 @@ class Proxy:
         return True
 
     def register_key(self, client: ClientConn) -> tuple[int, int]:
-        """The BackendKeyData this client gets: ours, so a cancel comes to us."""
+        """The BackendKeyData this client gets: ours, so a cancel comes to us.
+
+        With several workers the pid also says which one (Worker.owner), since the cancel
+        may reach another.
+        """
+        w = self.worker
         while True:
-            key = (secrets.randbits(31), secrets.randbits(31))
+            pid = secrets.randbits(31) if w is None else w.new_pid()
+            key = (pid, secrets.randbits(31))
             if key not in self._keys:
                 self._keys[key] = client
                 return key
@@ -168,6 +197,10 @@ class Proxy:
         return (c for c in list(self.clients) if c.pool is pool)
 
     def cancel(self, pid: int, secret: int) -> None:
+        w = self.worker
+        if w is not None and w.owner(pid) != w.index:
+            w.forward_cancel(pid, secret)
+            return
         client = self._keys.get((pid, secret))
         if client is None:
             logger.info("cancel_ignored", reason="unknown key")

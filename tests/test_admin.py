@@ -636,6 +636,7 @@ class FakeProxy:
         self.pools: dict[str, Any] = {}
         self.clients: set[Any] = set()
         self.settings = Settings()
+        self.worker = None
 
 
 @pytest.fixture
