@@ -194,13 +194,30 @@ class ForeignLoad:
         return max(0.0, 100 * foreign / capacity) if capacity > 0 else 0.0
 
 
+def pooler_cpu(pid: int) -> float:
+    """CPU seconds of a pooler process and its children (SIDECAR_WORKERS > 1)."""
+    return tree_cpu({pid})
+
+
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of the process, in KiB."""
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            out[name] = int(value.split()[0])
+    """VmRSS and VmHWM (peak RSS) in KiB of the process and its children (each worker of
+    SIDECAR_WORKERS > 1 is one), summed."""
+    procs = _proc_times()
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo.extend(c for c, (ppid, _) in procs.items() if ppid == p)
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for p in pids:
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue  # gone while we looked
+        for line in lines:
+            name, _, value = line.partition(":")
+            if name in out:
+                out[name] += int(value.split()[0])
     return out
 
 
@@ -440,9 +457,10 @@ class Sidecar(Pooler):
 
     name = "sidecar"
 
-    def __init__(self, base: Path, python: str) -> None:
+    def __init__(self, base: Path, python: str, workers: int = 1) -> None:
         super().__init__(base)
         self.python = python
+        self.workers = workers
 
     def start(self, pg: Postgres, pool_size: int, max_clients: int, sslmode: str) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -457,6 +475,7 @@ class Sidecar(Pooler):
             SIDECAR_LOG_CONNECTIONS="0",
             SIDECAR_LOG_DISCONNECTIONS="0",
             SIDECAR_SERVER_TLS_SSLMODE=sslmode,
+            SIDECAR_WORKERS=str(self.workers),
             PYTHONUNBUFFERED="1",
         )
         # The sslmode comes from SIDECAR_SERVER_TLS_SSLMODE, not the URL.

@@ -65,8 +65,8 @@ from procs import (  # noqa: E402
     Pooler,
     Postgres,
     Sidecar,
-    cpu_seconds,
     memory_kib,
+    pooler_cpu,
     python_for_sidecar,
     run,
 )
@@ -192,9 +192,9 @@ def settle(pooler: Pooler | None) -> None:
         return
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        before = cpu_seconds(pooler.pid)
+        before = pooler_cpu(pooler.pid)
         time.sleep(0.1)
-        if cpu_seconds(pooler.pid) - before < 0.01:
+        if pooler_cpu(pooler.pid) - before < 0.01:
             return
 
 
@@ -216,7 +216,7 @@ class Bench:
         os_user = OsUser.for_servers()
         self.pg = Postgres(base / "pg", os_user)
         self.pgbouncer = PgBouncer(base / "pgbouncer", os_user)
-        self.sidecar = Sidecar(base / "sidecar", python_for_sidecar())
+        self.sidecar = Sidecar(base / "sidecar", python_for_sidecar(), args.workers)
         self.pgbench = self.pg.bin_dir / "pgbench"
         self.log_dir = base / "pgbench-logs"
         self.log_dir.mkdir()
@@ -288,14 +288,14 @@ class Bench:
         if pooler is not None and not pooler.alive():
             assert pooler.proc is not None
             return Run(error=f"{pooler.name} process is gone (exit {pooler.proc.returncode})")
-        before = cpu_seconds(pooler.pid) if pooler else 0.0
+        before = pooler_cpu(pooler.pid) if pooler else 0.0
         foreign = self.foreign_load()
         result = run_pgbench(
             self.pgbench, target.port, workload, clients, secs, target.sslmode, self.log_dir
         )
         result.foreign_cpu_pct = round(foreign.percent(), 1)
         if pooler is not None and pooler.alive():
-            result.pooler_cpu_s = round(cpu_seconds(pooler.pid) - before, 3)
+            result.pooler_cpu_s = round(pooler_cpu(pooler.pid) - before, 3)
         if pooler is None:
             # Only the poolers' own server connections may stay.
             settle_direct(self.pg, 2 * self.args.pool_size)
@@ -477,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tls", action="store_true", help="sslmode=require to PostgreSQL (all targets)")
     p.add_argument("--pool-size", type=int, default=20, help="server connections per pooler")
+    p.add_argument(
+        "--workers", type=int, default=1, help="SIDECAR_WORKERS for the sidecar (default 1)"
+    )
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
     p.add_argument("--idle-clients", type=int, default=10_000, help="for the idle RSS figure")
     p.add_argument("--storm-clients", type=int, default=1_000, help="for the connection storm")
@@ -535,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             "clients": args.clients,
             "workloads": args.workloads,
             "pool_size": args.pool_size,
+            "sidecar_workers": args.workers,
             "scale": args.scale,
             "server_sslmode": bench.sslmode,
             "pgbench_threads": "min(clients, 4)",
@@ -571,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             f"pgbench -T {args.seconds:g}, {args.rounds} interleaved rounds, pool size"
             f" {args.pool_size}, scale {args.scale}, PostgreSQL {meta['postgres']},"
             f" PgBouncer {meta['pgbouncer']}, server sslmode={bench.sslmode}"
+            + (f", SIDECAR_WORKERS={args.workers}" if args.workers > 1 else "")
         )
         if cells:
             log(report.table(cells) + "\n")
