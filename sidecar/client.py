@@ -232,7 +232,14 @@ class ClientConn(asyncio.Protocol):
             if data == m.TERMINATE_MSG:
                 self._gone("client close request")
                 return
-            if data[0] == _P and self.state is C_IDLE and self._prepare_locally(data):
+            # Only a named Parse (data[5]: the name's first byte) can be answered locally.
+            if (
+                data[0] == _P
+                and len(data) > 5
+                and data[5]
+                and self.state is C_IDLE
+                and self._prepare_locally(data)
+            ):
                 return
         self.buffer.append(data)
         if self.state is C_IDLE:

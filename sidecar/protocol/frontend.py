@@ -34,6 +34,7 @@ _EXTENDED = b"PBCDEH"
 # Copy messages: PostgreSQL ignores them outside COPY, so they say nothing of the batch state.
 _COPY = b"dcf"
 _INSPECT = b"QPBDC"
+_BIND_DESCRIBE = b"BD"
 _REQUESTS = b"QSF"
 _COPY_WATCH = b"ESdcf"
 _EXECUTE = ord("E")
@@ -270,6 +271,7 @@ class Frontend:
         out: list[bytes] | None = None  # set once a message is rewritten
         copied = 0  # data[copied:pos] not yet in `out`
         inspect = self.inspect
+        after_exec, exec_syncs = self._after_exec, self._exec_syncs
         while pos < n:
             if n - pos < 5:
                 self._held = data[pos:]
@@ -296,6 +298,14 @@ class Frontend:
                 if typ == _Q:  # most of them: no call at all when the text has no effect
                     sql = data[pos + 5 : end - 1]
                     repl = None if _plain(sql) else self._query(sql, ctx)
+                elif typ in _BIND_DESCRIBE:
+                    # Nothing to rename or note without the client's named statements (an
+                    # unnamed-statement client): no call.
+                    repl = (
+                        self._inspect(typ, data, pos + 5, end, ctx, registry)
+                        if self.statements or self._effects
+                        else None
+                    )
                 else:
                     repl = self._inspect(typ, data, pos + 5, end, ctx, registry)
                 if repl is not None:
@@ -313,27 +323,27 @@ class Frontend:
                         self._sync_point(ctx)
             if typ in _COPY_WATCH:
                 if typ == _EXECUTE:
-                    self._exec_syncs = 0
-                    self._after_exec = True
+                    exec_syncs = 0
+                    after_exec = True
                 elif typ == _S:
-                    if self._after_exec:
-                        self._exec_syncs += 1
-                elif self._exec_syncs:
+                    if after_exec:
+                        exec_syncs += 1
+                elif exec_syncs:
                     if copy_in:
                         # That Execute started a COPY FROM STDIN (the server said so before
                         # the client sent data): PostgreSQL ignores Syncs in copy-in mode, so
                         # they get no ReadyForQuery (libpq sends one anyway). Without the
                         # server's word, CopyData is a stray message PostgreSQL ignores, and
                         # the Syncs count.
-                        requests -= self._exec_syncs
+                        requests -= exec_syncs
                         last = _EXECUTE  # the batch is open again
                         if ctx is not None:
-                            self._unsync(ctx, self._exec_syncs)
-                    self._exec_syncs = 0
-                    self._after_exec = False
-            elif self._after_exec:
-                self._after_exec = False
-                self._exec_syncs = 0
+                            self._unsync(ctx, exec_syncs)
+                    exec_syncs = 0
+                    after_exec = False
+            elif after_exec:
+                after_exec = False
+                exec_syncs = 0
             if end > n:  # only uninspected messages get here incomplete: stream them
                 self._skip = end - n
                 self._skip_type = typ
@@ -342,6 +352,7 @@ class Frontend:
             if typ not in _COPY:
                 last = typ
             pos = end
+        self._after_exec, self._exec_syncs = after_exec, exec_syncs
         if last != _NONE:
             self._batch_open = last in _EXTENDED
         self.dirty_tail = self._batch_open or bool(self._skip)
