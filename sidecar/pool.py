@@ -65,7 +65,8 @@ _T = ord("T")
 _E = ord("E")
 
 # Reported parameters a session cannot change: they may differ between instances (a minor
-# version upgrade rolling through a follower pool) and are never synced.
+# version upgrade rolling through a follower pool) and are never synced. (is_superuser
+# follows session_authorization, which is synced: SET SESSION AUTHORIZATION must not leak.)
 FIXED = frozenset(
     (
         "server_version",
@@ -73,7 +74,6 @@ FIXED = frozenset(
         "integer_datetimes",
         "is_superuser",
         "in_hot_standby",
-        "session_authorization",
     )
 )
 

@@ -392,10 +392,14 @@ class ServerConn(asyncio.Protocol):
                         transport, self, ssl_ctx, server_hostname=server_hostname
                     )
                 except (ssl.SSLError, ssl.CertificateError) as exc:
+                    # verify_message says why a certificate was refused ("IP address
+                    # mismatch, certificate is not valid for ...", "self-signed certificate").
+                    why = getattr(exc, "reason", None) or str(exc)
+                    detail = getattr(exc, "verify_message", None)
                     raise ServerError(
                         SQLCLIENT_UNABLE_TO_ESTABLISH,
-                        f"TLS handshake with server failed: {exc.__class__.__name__}: "
-                        f"{getattr(exc, 'reason', None) or exc}",
+                        f"TLS handshake with server failed: {exc.__class__.__name__}: {why}"
+                        + (f" ({detail})" if detail else ""),
                         retryable=False,
                     ) from None
                 if new is None:

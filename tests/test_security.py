@@ -262,8 +262,8 @@ def test_verify_full_rejects_a_host_not_in_the_certificate(
         assert error is None
         return
     assert error is not None and error["C"] == "08001", error
-    # (ssl's verify_message would say "IP address mismatch"; the proxy keeps the reason only)
     assert "CERTIFICATE_VERIFY_FAILED" in error["M"], error
+    assert "IP address mismatch" in error["M"], error  # ssl's verify_message: the why
     log = proxy.log_text()
     assert "retryable=false" in log  # a certificate problem is not retried in a loop
 

@@ -863,3 +863,17 @@ def test_first_look_never_hides_a_session_effect(
 ) -> None:
     sql = ("; ".join(prefix + text for prefix, text in statements) + end).encode()
     assert classify(sql) == classify_fully(sql), sql
+
+
+@pytest.mark.parametrize(
+    "sql", ["SET search_path = public; DEALLOCATE ALL", "select 1;\n/* x */ deallocate prepare all"]
+)
+def test_deallocate_all_among_other_statements_forgets_them_too(sql: str) -> None:
+    link = prepared(Registry())
+    assert link.send(query(sql)) == query(sql)  # the server runs it
+    assert link.fe.statements == {} and link.lru == []
+
+
+def test_set_session_authorization_is_tracked_by_its_setting_name() -> None:
+    assert classify(b"SET SESSION AUTHORIZATION bob") == (Q_SET, ["session_authorization"])
+    assert classify(b"reset session authorization") == (Q_SET, ["session_authorization"])

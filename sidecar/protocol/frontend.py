@@ -87,6 +87,7 @@ _SET = re.compile(
 _SET_CONFIG = re.compile(rb"set_config\s*\(\s*'([\w.]+)'", re.IGNORECASE)
 _DISCARD = re.compile(_START + rb"discard\s+all\b", _ICASE)
 _DEALLOCATE_WORD = re.compile(_START + rb"deallocate\s", _ICASE)
+_DEALLOCATE_ALL = re.compile(_START + rb"deallocate\s+(?:prepare\s+)?all\b", _ICASE)
 _DEALLOCATE = re.compile(
     rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\")+\"|[^\s;\"]+)\s*;?\s*$",
     re.IGNORECASE,
@@ -142,7 +143,11 @@ def classify_fully(sql: bytes) -> tuple[int, list[str]]:
         flags |= Q_PREPARE
     for match in _SET.finditer(sql):
         name = match.group(1).decode("utf-8", "replace").lower()
-        names.append("timezone" if " " in name else name)
+        if " " in name:
+            name = "timezone"  # SET TIME ZONE
+        elif name == "authorization":
+            name = "session_authorization"  # SET SESSION AUTHORIZATION
+        names.append(name)
     for match in _SET_CONFIG.finditer(sql):
         names.append(match.group(1).decode("utf-8", "replace").lower())
     if names:
@@ -152,6 +157,13 @@ def classify_fully(sql: bytes) -> tuple[int, list[str]]:
     if _DEALLOCATE_WORD.search(sql):
         flags |= Q_DEALLOCATE
     return flags, names
+
+
+def _forgets_all(flags: int, sql: bytes) -> bool:
+    """The text drops every prepared statement of the session (DISCARD ALL, DEALLOCATE ALL)."""
+    if flags & Q_DISCARD:
+        return True
+    return bool(flags & Q_DEALLOCATE) and _DEALLOCATE_ALL.search(sql) is not None
 
 
 def deallocate_target(sql: bytes) -> bytes | None:
@@ -384,9 +396,7 @@ class Frontend:
             self._note(flags, names)
             if flags:
                 # Noted again each time it runs (Bind): a prepare can come batches earlier.
-                forgets = bool(flags & Q_DISCARD) or (
-                    bool(flags & Q_DEALLOCATE) and deallocate_target(text) == b""
-                )
+                forgets = _forgets_all(flags, text)
                 self._effects[name] = (flags, names, forgets)
             elif self._effects:
                 self._effects.pop(name, None)
@@ -447,7 +457,8 @@ class Frontend:
         if not flags:
             return None
         target = deallocate_target(sql) if flags & Q_DEALLOCATE else None
-        if target == b"":
+        if target == b"" or (target is None and _forgets_all(flags, sql)):
+            # DEALLOCATE ALL, alone or among other statements: the server drops them all.
             self.statements.clear()
             self._effects.clear()
             if ctx is not None:
