@@ -227,6 +227,7 @@ class PostgresServer:
     @classmethod
     def start(cls) -> PostgresServer:
         base = short_tempdir("pg")
+        server: PostgresServer | None = None
         try:
             ca = make_ca(base, "pg-sidecar test CA")
             server = cls(base, free_port(), pg_bin_dir(), ca)
@@ -238,7 +239,8 @@ class PostgresServer:
             if log.exists():
                 sys.stderr.write(log.read_text(errors="replace"))
             with contextlib.suppress(Exception):
-                _run([pg_bin_dir() / "pg_ctl", "stop", "-D", base / "data", "-m", "immediate"])
+                if server is not None:  # as the server's OS user: pg_ctl refuses root
+                    server._pg_ctl("stop", "-m", "immediate")
             shutil.rmtree(base, ignore_errors=True)
             raise
         return server
