@@ -24,6 +24,7 @@ from .client import (
     C_LOGIN,
     C_SETUP,
     C_WAITING,
+    NO_PINS,
     ClientConn,
     ClientState,
     setting_name,
@@ -347,9 +348,13 @@ class Pool:
                 client.params[name] = value
                 server.params[name] = value
         pins = (
-            {reason for reason, count in zip(PIN_CHECK_REASONS, row, strict=False) if count != "0"}
+            frozenset(
+                reason
+                for reason, count in zip(PIN_CHECK_REASONS, row, strict=False)
+                if count != "0"
+            )
             if check_pins
-            else set()
+            else NO_PINS
         )
         if client.state is C_CLOSED:
             client.pins = pins
@@ -394,7 +399,7 @@ class Pool:
             return
         if client.pins:
             logger.info("unpin", pool=self.name, addr=client.addr, client_pid=client.pid)
-            client.pins = set()
+            client.pins = NO_PINS
         server.client = None
         client.state = C_LINKED
         client.unlink()
@@ -452,6 +457,12 @@ class Pool:
         server.client = client
         server.linked_at = now
         client.server = server
+        if not client.params_full:
+            # Every reported parameter too, from the first link on (not at login: idle clients
+            # keep the smaller dict): two dicts with the same keys, and equal ones -- the
+            # common case -- compare in one C-level comparison.
+            client.params = {**(self.defaults or {}), **client.params}
+            client.params_full = True
         sql = self._sync_sql(client.params, server.params)
         delay = self.settings.server_check_delay
         if sql is None and delay >= 0 and now - server.last_used > delay:

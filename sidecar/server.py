@@ -101,6 +101,43 @@ def make_ssl_context(sslmode: str, ca_file: str | None) -> ssl.SSLContext | None
 class ServerConn(asyncio.Protocol):
     """One connection to an upstream PostgreSQL instance."""
 
+    # Slots: no per-instance dict (10,000 idle clients), faster attribute access.
+    __slots__ = (
+        "_inbuf",
+        "_lost",
+        "_lost_called",
+        "_waiter",
+        "backend",
+        "client",
+        "close_reason",
+        "created_at",
+        "dirty_tail",
+        "expires_at",
+        "fatal_seen",
+        "host",
+        "instance",
+        "last_used",
+        "linked_at",
+        "mid_message",
+        "out_of_step",
+        "params",
+        "paused",
+        "pending",
+        "pid",
+        "pool",
+        "port",
+        "query_start",
+        "secret",
+        "state",
+        "statements",
+        "stats",
+        "tls",
+        "transaction_mode",
+        "transport",
+        "write",
+        "xact_start",
+    )
+
     def __init__(self, pool: Pool, host: str, port: int) -> None:
         self.pool = pool
         self.host = host
