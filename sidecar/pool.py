@@ -41,7 +41,7 @@ from .protocol.errors import (
     SQLCLIENT_UNABLE_TO_ESTABLISH,
     TOO_MANY_CONNECTIONS,
 )
-from .protocol.frontend import PIN_FLAGS, Q_DISCARD, Q_SET
+from .protocol.frontend import PIN_FLAGS, Q_DISCARD, Q_SET, single_request
 from .protocol.statements import Registry
 from .server import (
     S_ACTIVE,
@@ -223,6 +223,25 @@ class Pool:
             # Room to open one. A full pool (the busy steady state) skips _fill; its
             # pool_full warning and the reserve pool's timeout come from the janitor's.
             self._fill()
+
+    def cancel_waiting(self, client: ClientConn) -> bool:
+        """A cancel request for a client still queued for a server: its query never started.
+        Answer it as PostgreSQL answers a canceled query and keep the client, rather than
+        run the query later (PgBouncer ignores such a cancel, and the client waits on).
+        Only for one whole request; pipelined requests wait on."""
+        if client.state is not C_WAITING or not single_request(b"".join(client.buffer)):
+            return False
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(client)
+        client.buffer.clear()
+        client.state = C_IDLE
+        self.stats.errors += 1
+        # Nothing ran: the client holds no server, so no transaction is open (status I).
+        client.write(
+            m.error_response(QUERY_CANCELED, "canceling statement due to user request")
+            + m.ready_for_query(b"I")
+        )
+        return True
 
     def canonical(self, params: dict[str, str]) -> dict[str, str]:
         return {k: self._canon.get((k, v), v) for k, v in params.items()}

@@ -207,6 +207,9 @@ class Proxy:
             return
         server = client.server
         if server is None or server.client is not client:
+            if client.pool is not None and client.pool.cancel_waiting(client):
+                logger.info("cancel_waiting", addr=client.addr, client_pid=client.pid)
+                return
             logger.info("cancel_ignored", reason="client holds no server", addr=client.addr)
             return
         self._spawn(self._cancel(server))

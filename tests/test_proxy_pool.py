@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
+import time
 import types
 from typing import Any
 
@@ -247,3 +249,30 @@ def test_link_sync_sql_skips_what_a_session_cannot_set() -> None:
     assert sql == "SELECT pg_catalog.set_config('application_name', 'web', false)"
     assert Pool._sync_sql(pool, want, dict(want)) is None  # type: ignore[arg-type]
     assert Pool._sync_sql(pool, defaults, have) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "cursor", [psycopg.Cursor, psycopg.ClientCursor], ids=["extended", "simple"]
+)
+def test_cancel_of_a_client_waiting_for_a_server(
+    proxy_factory: ProxyFactory, cursor: type[psycopg.Cursor[Any]]
+) -> None:
+    # The only server is held by an open transaction: the second client's query queues. Its
+    # cancel must answer it at once (57014), as PostgreSQL would, not run it later.
+    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="1", SIDECAR_QUERY_WAIT_TIMEOUT="30")
+    with (
+        psycopg.connect(proxy.dsn()) as holder,
+        psycopg.connect(proxy.dsn(), autocommit=True, cursor_factory=cursor) as waiter,
+    ):
+        holder.execute("select 1")  # BEGIN ...: holds the server until rollback
+        timer = threading.Timer(0.5, waiter.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            waiter.execute("select 42")
+        assert time.monotonic() - started < 5
+        timer.join()
+        holder.rollback()
+        # the connection is in step: the next query runs, once the server is free
+        assert waiter.execute("select 7").fetchone() == (7,)
+    assert "at=cancel_waiting" in proxy.log_text()

@@ -32,6 +32,7 @@ from sidecar.protocol.frontend import (
     classify_fully,
     deallocate_target,
     local_prepare,
+    single_request,
 )
 from sidecar.protocol.statements import Registry, ServerStatements
 
@@ -877,3 +878,13 @@ def test_deallocate_all_among_other_statements_forgets_them_too(sql: str) -> Non
 def test_set_session_authorization_is_tracked_by_its_setting_name() -> None:
     assert classify(b"SET SESSION AUTHORIZATION bob") == (Q_SET, ["session_authorization"])
     assert classify(b"reset session authorization") == (Q_SET, ["session_authorization"])
+
+
+def test_single_request() -> None:
+    batch = parse("", "select 1") + bind("") + execute() + SYNC
+    assert single_request(query("select 1"))
+    assert single_request(batch)
+    assert not single_request(batch + query("select 2"))  # pipelined: two requests
+    assert not single_request(batch[:-1])  # cut short
+    assert not single_request(parse("", "select 1"))  # no request yet
+    assert not single_request(query("copy t from stdin") + msg(b"d", b"1\n"))

@@ -207,6 +207,24 @@ def local_prepare(data: bytes, registry: Registry) -> list[tuple[bytes, Statemen
     return None
 
 
+def single_request(data: bytes) -> bool:
+    """`data` is whole messages ending with its one request (Query, Sync or FunctionCall): what
+    a client waiting for a server has sent for one query, and all of it can be answered with
+    one error and ReadyForQuery."""
+    pos = 0
+    n = len(data)
+    while n - pos >= 5:
+        typ = data[pos]
+        (length,) = _unpack_i32(data, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or end > n or typ not in _FRONTEND_TYPES or typ in b"Xdcf":
+            return False
+        if typ in _REQUESTS:
+            return bool(end == n)
+        pos = end
+    return False
+
+
 class Frontend:
     """Walks one client's stream; holds back incomplete messages it needs whole."""
 
