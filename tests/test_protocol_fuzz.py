@@ -23,8 +23,6 @@ Event = tuple[int, bytes]
 # No example database: the suite must not write into the repository.
 FUZZ = settings(max_examples=300, deadline=None, database=None)
 
-ALL_TYPES = bytes(range(256))
-
 message_lists = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)), max_size=20)
 
 
@@ -68,38 +66,25 @@ def drain(reader: m.MessageReader) -> list[Event]:
 
 
 @FUZZ
-@given(raw=garbage, data=st.data(), report=st.binary(max_size=6))
-def test_scanner_random_bytes(raw: bytes, data: st.DataObject, report: bytes) -> None:
-    scanner = m.Scanner(report, max_length=data.draw(st.sampled_from([m.MAX_MESSAGE_LENGTH, 64])))
+@given(raw=garbage, data=st.data())
+def test_message_reader_random_bytes(raw: bytes, data: st.DataObject) -> None:
+    """Messages come out exactly as framed in the input, each as soon as its last byte is in,
+    and a ProtocolError is the only way out."""
+    reader = m.MessageReader(max_length=data.draw(st.sampled_from([m.MAX_MESSAGE_LENGTH, 64])))
+    got: list[Event] = []
+    fed = 0
     try:
         for chunk in data.draw(chunkings(raw)):
-            for typ, body in scanner.feed(chunk):
-                assert typ in report
-                assert type(body) is bytes
+            fed += len(chunk)
+            reader.feed(chunk)
+            got += drain(reader)
+            assert all(type(body) is bytes for _, body in got)
     except ProtocolError as exc:
         assert exc.sqlstate == PROTOCOL_VIOLATION
-
-
-@FUZZ
-@given(raw=garbage, data=st.data())
-def test_scanner_and_message_reader_agree_on_anything(raw: bytes, data: st.DataObject) -> None:
-    """Same messages, same boundaries, and a ProtocolError after the same chunk."""
-    max_length = data.draw(st.sampled_from([m.MAX_MESSAGE_LENGTH, 64]))
-    scanner = m.Scanner(ALL_TYPES, max_length=max_length)
-    reader = m.MessageReader(max_length=max_length)
-    fed = consumed = 0
-    for chunk in data.draw(chunkings(raw)):
-        fed += len(chunk)
-        reader.feed(chunk)
-        try:
-            expected = drain(reader)
-        except ProtocolError:
-            with pytest.raises(ProtocolError):
-                scanner.feed(chunk)
-            return
-        assert scanner.feed(chunk) == expected
-        consumed += sum(5 + len(body) for _, body in expected)
-        assert scanner.at_boundary is (consumed == fed)
+        return
+    consumed = len(encode(got))
+    assert encode(got) == raw[:consumed]
+    assert reader.take_rest() == raw[consumed:fed]
 
 
 @FUZZ
@@ -194,51 +179,24 @@ def test_parse_startup_params_like_postgres(body: bytes) -> None:
 
 @FUZZ
 @given(msgs=message_lists, data=st.data())
-def test_scanner_chunking_never_changes_events(msgs: list[Event], data: st.DataObject) -> None:
-    stream = encode(msgs)
-    types = sorted({t for t, _ in msgs}) or [0]
-    report = bytes(data.draw(st.sets(st.sampled_from(types))))
-    whole = m.Scanner(report).feed(stream)
-    assert whole == [(t, b) for t, b in msgs if t in report]
-    scanner = m.Scanner(report)
-    events: list[Event] = []
-    for chunk in data.draw(chunkings(stream)):
-        events += scanner.feed(chunk)
-    assert events == whole
-    assert scanner.at_boundary
-    assert scanner.last_type == (msgs[-1][0] if msgs else 0)
-
-
-@FUZZ
-@given(msgs=message_lists, data=st.data())
-def test_scanner_and_message_reader_agree_on_boundaries(
+def test_message_reader_chunking_never_changes_events(
     msgs: list[Event], data: st.DataObject
 ) -> None:
+    """Same messages however the stream is cut, each handed over with the chunk that ends it."""
     stream = encode(msgs)
-    boundaries = {0}
-    header_ends: list[tuple[int, int]] = []
-    pos = 0
-    for typ, body in msgs:
-        header_ends.append((pos + 5, typ))
-        pos += 5 + len(body)
-        boundaries.add(pos)
-    scanner = m.Scanner(b"")  # boundaries must not depend on which bodies are copied
+    boundaries = [0]
+    for _, body in msgs:
+        boundaries.append(boundaries[-1] + 5 + len(body))
     reader = m.MessageReader()
     got: list[Event] = []
-    fed = consumed = 0
+    fed = 0
     for chunk in data.draw(chunkings(stream)):
         fed += len(chunk)
-        assert scanner.feed(chunk) == []
         reader.feed(chunk)
-        new = drain(reader)
-        got += new
-        consumed += sum(5 + len(body) for _, body in new)
-        assert scanner.at_boundary is (consumed == fed) is (fed in boundaries)
-        assert (
-            scanner.last_type
-            == max(((end, typ) for end, typ in header_ends if end <= fed), default=(0, 0))[1]
-        )
+        got += drain(reader)
+        assert len(encode(got)) == max(b for b in boundaries if b <= fed)
     assert got == msgs
+    assert reader.take_rest() == b""
 
 
 startup_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
@@ -289,28 +247,17 @@ bad_lengths = st.one_of(st.integers(-(2**31), 3), st.integers(m.MAX_MESSAGE_LENG
 
 
 @FUZZ
-@given(
-    msgs=message_lists,
-    typ=st.integers(0, 255),
-    length=bad_lengths,
-    report=st.binary(max_size=4),
-    data=st.data(),
-)
+@given(msgs=message_lists, typ=st.integers(0, 255), length=bad_lengths, data=st.data())
 def test_bad_message_length_always_rejected(
-    msgs: list[Event], typ: int, length: int, report: bytes, data: st.DataObject
+    msgs: list[Event], typ: int, length: int, data: st.DataObject
 ) -> None:
     stream = encode(msgs) + bytes([typ]) + struct.pack("!i", length)
-    chunks = data.draw(chunkings(stream))
-    scanner = m.Scanner(report)
-    with pytest.raises(ProtocolError) as err:
-        for chunk in chunks:
-            scanner.feed(chunk)
-    assert err.value.sqlstate == PROTOCOL_VIOLATION
     reader = m.MessageReader()
-    with pytest.raises(ProtocolError):
-        for chunk in chunks:
+    with pytest.raises(ProtocolError) as err:
+        for chunk in data.draw(chunkings(stream)):
             reader.feed(chunk)
             drain(reader)
+    assert err.value.sqlstate == PROTOCOL_VIOLATION
 
 
 @FUZZ
