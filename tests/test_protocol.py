@@ -1,4 +1,4 @@
-"""Unit tests for sidecar.protocol.messages: framing (Scanner, MessageReader, StartupReader),
+"""Unit tests for sidecar.protocol.messages: framing (MessageReader, StartupReader),
 builders and parsers, checked against hand-written bytes of the PostgreSQL v3 message formats.
 
 Plain bytes only: no sockets, no asyncio, no database.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import struct
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pytest
@@ -23,10 +23,6 @@ from sidecar.protocol.errors import (
 )
 
 Event = tuple[int, bytes]
-
-# What the proxy itself asks for: client.py scans client bytes, server.py server bytes.
-CLIENT_REPORT = b"QSFX"
-SERVER_REPORT = b"ZSE"
 
 
 # ---------------------------------------------------------------------------
@@ -163,8 +159,6 @@ class Layout:
     types: list[int] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
-    header_ends: list[int] = field(default_factory=list)
-    end_set: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, data: bytes) -> Layout:
@@ -174,66 +168,20 @@ class Layout:
             (length,) = struct.unpack_from("!i", data, pos + 1)
             layout.types.append(data[pos])
             layout.bodies.append(data[pos + 5 : pos + 1 + length])
-            layout.header_ends.append(pos + 5)
             pos += 1 + length
             layout.ends.append(pos)
         assert pos == len(data)
-        layout.end_set = frozenset([0, *layout.ends])
         return layout
 
-    def events(self, report: bytes, upto: int | None = None) -> list[Event]:
-        """Reported (type, body) of the messages complete within data[:upto]."""
+    def events(self, upto: int | None = None) -> list[Event]:
+        """(type, body) of the messages complete within data[:upto]."""
         count = len(self.ends) if upto is None else bisect_right(self.ends, upto)
-        return [
-            (t, b)
-            for t, b in zip(self.types[:count], self.bodies[:count], strict=True)
-            if t in report
-        ]
-
-    def at_boundary(self, offset: int) -> bool:
-        return offset in self.end_set
-
-    def last_type(self, offset: int) -> int:
-        """Type of the last message whose 5-byte header lies within data[:offset]."""
-        k = bisect_right(self.header_ends, offset) - 1
-        return self.types[k] if k >= 0 else 0
+        return list(zip(self.types[:count], self.bodies[:count], strict=True))
 
 
 SERVER = Layout.of(server_stream())
 CLIENT = Layout.of(client_stream())
-ALL_TYPES = bytes(range(256))
-
 STREAMS = {"server": SERVER, "client": CLIENT}
-REPORTS = {
-    "production": None,  # CLIENT_REPORT or SERVER_REPORT, whichever fits the stream
-    "nothing": b"",
-    "everything": ALL_TYPES,
-    "bulk": b"dD",  # the big bodies, reassembled across chunks
-}
-
-
-def report_for(stream: str, report: str) -> bytes:
-    chosen = REPORTS[report]
-    if chosen is None:
-        return SERVER_REPORT if stream == "server" else CLIENT_REPORT
-    return chosen
-
-
-def feed_chunks(
-    scanner: m.Scanner, layout: Layout, cuts: Sequence[int], report: bytes
-) -> list[Event]:
-    """Feed data split at `cuts`, checking the scanner's state after every chunk."""
-    events: list[Event] = []
-    start = 0
-    for end in [*cuts, len(layout.data)]:
-        got = scanner.feed(layout.data[start:end])
-        assert all(type(body) is bytes for _, body in got)
-        events += got
-        assert events == layout.events(report, end), f"events after {end} bytes"
-        assert scanner.at_boundary is layout.at_boundary(end), f"at_boundary after {end} bytes"
-        assert scanner.last_type == layout.last_type(end), f"last_type after {end} bytes"
-        start = end
-    return events
 
 
 def test_streams_are_what_the_tests_think() -> None:
@@ -245,117 +193,10 @@ def test_streams_are_what_the_tests_think() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Scanner: the data path
+# MessageReader: every message, whole
 
 
 stream_ids = pytest.mark.parametrize("stream", sorted(STREAMS))
-report_ids = pytest.mark.parametrize("report_name", sorted(REPORTS))
-
-
-@stream_ids
-@report_ids
-def test_scanner_whole(stream: str, report_name: str) -> None:
-    layout, report = STREAMS[stream], report_for(stream, report_name)
-    scanner = m.Scanner(report)
-    assert scanner.at_boundary
-    assert scanner.last_type == 0
-    events = feed_chunks(scanner, layout, [], report)
-    assert events == layout.events(report)
-    assert all(t in report for t, _ in events)
-    assert scanner.last_type == layout.types[-1]
-
-
-@stream_ids
-@report_ids
-def test_scanner_split_at_every_offset(stream: str, report_name: str) -> None:
-    layout, report = STREAMS[stream], report_for(stream, report_name)
-    data = layout.data
-    whole = layout.events(report)
-    for cut in range(len(data) + 1):
-        scanner = m.Scanner(report)
-        first = scanner.feed(data[:cut])
-        # Events are handed over as soon as their message is complete, not one chunk later.
-        assert first == layout.events(report, cut), cut
-        assert scanner.at_boundary is layout.at_boundary(cut), cut
-        assert scanner.last_type == layout.last_type(cut), cut
-        assert first + scanner.feed(data[cut:]) == whole, cut
-        assert scanner.at_boundary, cut
-        assert scanner.last_type == layout.types[-1], cut
-
-
-@stream_ids
-@report_ids
-def test_scanner_one_byte_at_a_time(stream: str, report_name: str) -> None:
-    layout, report = STREAMS[stream], report_for(stream, report_name)
-    scanner = m.Scanner(report)
-    events = feed_chunks(scanner, layout, range(1, len(layout.data)), report)
-    assert events == layout.events(report)
-
-
-@stream_ids
-@report_ids
-@pytest.mark.parametrize("seed", range(25))
-def test_scanner_random_chunks(stream: str, report_name: str, seed: int) -> None:
-    layout, report = STREAMS[stream], report_for(stream, report_name)
-    rng = random.Random(seed)
-    top = rng.choice([8, 64, 1024, 40_000])
-    cuts: list[int] = []
-    pos = rng.randint(0, top)
-    while pos < len(layout.data):
-        cuts.append(pos)
-        pos += rng.randint(0, top)  # 0: empty chunks happen too
-    events = feed_chunks(m.Scanner(report), layout, cuts, report)
-    assert events == layout.events(report)
-
-
-@report_ids
-def test_scanner_coalesced_streams(report_name: str) -> None:
-    report = report_for("server", report_name)
-    three = Layout.of(SERVER.data + CLIENT.data + SERVER.data)
-    scanner = m.Scanner(report)
-    assert scanner.feed(three.data) == three.events(report)
-    assert scanner.at_boundary
-    assert scanner.last_type == ord("Z")
-    # The end of one stream and the start of the next in the same chunk.
-    for cut in (3, len(SERVER.data) - 3, len(SERVER.data) + 7, len(three.data) - 1):
-        events = feed_chunks(m.Scanner(report), three, [cut], report)
-        assert events == three.events(report)
-
-
-def test_scanner_empty_feed_changes_nothing() -> None:
-    scanner = m.Scanner(SERVER_REPORT)
-    assert scanner.feed(b"") == []
-    assert scanner.at_boundary
-    scanner.feed(SERVER.data[:3])
-    assert scanner.feed(b"") == []
-    assert not scanner.at_boundary
-
-
-def test_scanner_empty_reported_body_split_after_header() -> None:
-    scanner = m.Scanner(b"S")
-    assert scanner.feed(b"S\x00\x00") == []
-    assert not scanner.at_boundary
-    assert scanner.feed(b"\x00\x04") == [(ord("S"), b"")]
-    assert scanner.at_boundary
-    assert scanner.last_type == ord("S")
-
-
-def test_scanner_reset_forgets_a_partial_message() -> None:
-    scanner = m.Scanner(SERVER_REPORT)
-    scanner.feed(pkt(b"D", b"x" * 100)[:50])
-    assert not scanner.at_boundary
-    scanner.reset()
-    assert scanner.at_boundary
-    assert scanner.feed(pkt(b"Z", b"I")) == [(ord("Z"), b"I")]
-    for partial in (b"Z\x00", pkt(b"Z", b"I")[:5], pkt(b"E", b"xyz")[:7]):
-        scanner.feed(partial)
-        scanner.reset()
-        assert scanner.at_boundary
-        assert scanner.feed(pkt(b"Z", b"T")) == [(ord("Z"), b"T")]
-
-
-# ---------------------------------------------------------------------------
-# MessageReader: every message, whole
 
 
 def drain(reader: m.MessageReader) -> list[Event]:
@@ -378,7 +219,7 @@ def test_message_reader_chunks(stream: str, seed: int) -> None:
         end = min(len(data), pos + rng.choice([1, 2, 5, 100, 5000, 200_000]))
         reader.feed(data[pos:end])
         got += drain(reader)
-        assert got == layout.events(ALL_TYPES, end)
+        assert got == layout.events(end)
         pos = end
     assert all(type(body) is bytes for _, body in got)
     assert reader.take_rest() == b""
@@ -403,43 +244,6 @@ BAD_LENGTHS = [0, 1, 3, -1, -4, -(2**31), m.MAX_MESSAGE_LENGTH + 1, 0x7FFF_FFFF]
 
 def bad_header(length: int, typ: bytes = b"D") -> bytes:
     return typ + struct.pack("!i", length)
-
-
-@pytest.mark.parametrize("length", BAD_LENGTHS)
-@pytest.mark.parametrize("report", [b"", b"D"])
-@pytest.mark.parametrize("split", [0, 1, 3, 5])
-def test_scanner_rejects_bad_length(length: int, report: bytes, split: int) -> None:
-    prefix = pkt(b"Z", b"I") + pkt(b"C", cstr("SELECT 1"))
-    data = prefix + bad_header(length)
-    scanner = m.Scanner(report)
-    cut = len(prefix) + split
-    with pytest.raises(ProtocolError) as err:
-        scanner.feed(data[:cut])
-        scanner.feed(data[cut:])  # the header completes here: the error must not wait for more
-    assert err.value.sqlstate == PROTOCOL_VIOLATION
-
-
-def test_scanner_rejects_0xffffffff() -> None:
-    with pytest.raises(ProtocolError) as err:
-        m.Scanner(b"").feed(b"D\xff\xff\xff\xff")
-    assert err.value.sqlstate == "08P01"
-
-
-def test_scanner_accepts_the_largest_length_without_its_body() -> None:
-    scanner = m.Scanner(b"")
-    assert scanner.feed(bad_header(m.MAX_MESSAGE_LENGTH)) == []
-    assert not scanner.at_boundary
-    assert scanner.last_type == ord("D")
-
-
-def test_scanner_custom_max_length() -> None:
-    ok = pkt(b"Q", b"x" * 96)  # length 100
-    for report in (b"", b"Q"):
-        scanner = m.Scanner(report, max_length=100)
-        scanner.feed(ok)
-        assert scanner.at_boundary
-        with pytest.raises(ProtocolError):
-            scanner.feed(pkt(b"Q", b"x" * 97))
 
 
 @pytest.mark.parametrize("length", BAD_LENGTHS)

@@ -1,7 +1,7 @@
 """Framing and building of PostgreSQL v3 wire messages: incremental readers, builders, parsers.
 
-Everything here is bytes in, values or bytes out. The fast path uses `Scanner`, which walks
-message headers in place and copies only the bodies the proxy must look at.
+Everything here is bytes in, values or bytes out. The data path does not frame messages here:
+the two stream walkers (frontend.py, backend.py) read headers in place as bytes go by.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ MAX_STARTUP_LENGTH = 10_000
 MAX_MESSAGE_LENGTH = 0x3FFF_FFFF
 
 _I32 = struct.Struct("!i")
-_HDR = struct.Struct("!ci")
 _unpack_i32 = _I32.unpack_from
 _pack_i32 = _I32.pack
 
@@ -171,7 +170,7 @@ class MessageReader:
     """Incremental framing of typed messages; returns whole (type, body) pairs.
 
     Used where every message matters (authentication, the admin console); the data path uses
-    `Scanner` instead.
+    the stream walkers in frontend.py and backend.py instead.
     """
 
     __slots__ = ("_buf", "_max")
@@ -192,90 +191,6 @@ class MessageReader:
         rest = bytes(self._buf)
         self._buf.clear()
         return rest
-
-
-class Scanner:
-    """Walks message boundaries of a byte stream without copying bodies it is not asked for.
-
-    `feed` returns the (type, body) of every message whose type is in `report`, in order;
-    all other messages are only skipped over. Bodies split across chunks are reassembled.
-    """
-
-    __slots__ = ("_body", "_hdr", "_max", "_need", "_report", "_skip", "_type", "last_type")
-
-    def __init__(self, report: bytes, max_length: int = MAX_MESSAGE_LENGTH) -> None:
-        self._report = report
-        self._max = max_length
-        self._skip = 0
-        self._hdr = bytearray()
-        self._body: bytearray | None = None
-        self._need = 0
-        self._type = 0
-        #: Type byte of the last message whose header was read (0 before any).
-        self.last_type = 0
-
-    @property
-    def at_boundary(self) -> bool:
-        """True when the bytes fed so far end exactly at a message boundary."""
-        return not self._skip and self._body is None and not self._hdr
-
-    def reset(self) -> None:
-        self._skip = 0
-        self._hdr.clear()
-        self._body = None
-        self._need = 0
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
-        pos = 0
-        n = len(data)
-        report = self._report
-        while pos < n:
-            if self._skip:
-                take = min(self._skip, n - pos)
-                pos += take
-                self._skip -= take
-                continue
-            body = self._body
-            if body is not None:
-                take = min(self._need, n - pos)
-                body += data[pos : pos + take]
-                pos += take
-                self._need -= take
-                if not self._need:
-                    out.append((self._type, bytes(body)))
-                    self._body = None
-                continue
-            if self._hdr or n - pos < 5:
-                hdr = self._hdr
-                take = min(5 - len(hdr), n - pos)
-                hdr += data[pos : pos + take]
-                pos += take
-                if len(hdr) < 5:
-                    break
-                typ = hdr[0]
-                (length,) = _unpack_i32(hdr, 1)
-                hdr.clear()
-            else:
-                typ = data[pos]
-                (length,) = _unpack_i32(data, pos + 1)
-                pos += 5
-            if length < 4 or length > self._max:
-                raise ProtocolError(f"invalid message length {length}")
-            self.last_type = typ
-            blen = length - 4
-            if typ in report:
-                if n - pos >= blen:
-                    out.append((typ, data[pos : pos + blen]))
-                    pos += blen
-                else:
-                    self._body = bytearray(data[pos:])
-                    self._need = blen - (n - pos)
-                    self._type = typ
-                    pos = n
-            else:
-                self._skip = blen
-        return out
 
 
 # ---------------------------------------------------------------------------
@@ -447,7 +362,6 @@ __all__ = [
     "MessageReader",
     "ProtocolError",
     "SSLRequest",
-    "Scanner",
     "StartupMessage",
     "StartupReader",
 ]
