@@ -888,3 +888,17 @@ def test_single_request() -> None:
     assert not single_request(batch[:-1])  # cut short
     assert not single_request(parse("", "select 1"))  # no request yet
     assert not single_request(query("copy t from stdin") + msg(b"d", b"1\n"))
+
+
+def test_an_error_that_mentions_fatal_is_not_fatal() -> None:
+    # Severity is a field, not a word: RAISE EXCEPTION 'SFATAL' after a ReadyForQuery I is an
+    # ordinary error the client gets, not a server going away.
+    be = Backend()
+    text_error = msg(b"E", b"SERROR\x00VERROR\x00CP0001\x00MSFATAL\x00\x00")
+    out = be.feed(ready() + text_error, None)
+    assert out == ready() + text_error and not be.fatal_cut
+    fatal = msg(b"E", b"SFATAL\x00VFATAL\x00C57P01\x00Mterminating\x00\x00")
+    localized = msg(b"E", b"SSCHWERWIEGEND\x00VFATAL\x00C57P01\x00Mx\x00\x00")
+    for err in (fatal, localized):
+        be = Backend()
+        assert be.feed(ready() + err, None) == ready() and be.fatal_cut and be.cut == err

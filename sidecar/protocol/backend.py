@@ -27,9 +27,16 @@ _COPY_IN_RESPONSE = ord("G")
 PARSE_COMPLETE_MSG = b"1\x00\x00\x00\x04"
 
 
+# The severity fields of a FATAL/PANIC ErrorResponse: S (maybe localized) comes first, V (never
+# localized, PostgreSQL >= 9.6) after a field's NUL. A message text cannot hold a NUL, so these
+# match fields only, never the words inside a message.
+_FATAL_FIRST = (b"SFATAL\x00", b"SPANIC\x00")
+_FATAL_V = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
+
+
 def _is_fatal(data: bytes, pos: int, end: int) -> bool:
     body = data[pos + 5 : end]
-    return b"SFATAL\x00" in body or b"SPANIC\x00" in body
+    return body.startswith(_FATAL_FIRST) or _FATAL_V[0] in body or _FATAL_V[1] in body
 
 
 class Backend:
@@ -196,7 +203,8 @@ class Backend:
             self.rare = True
             self.errors += 1
             body = data[pos + 5 : end]
-            if _is_fatal(data, pos, end):
+            fatal = _is_fatal(data, pos, end)
+            if fatal:
                 self.fatal = True
             if ctx is not None and b"C0A000\x00" in body:
                 # "cached plan must not change result type": the next Parse of these texts
@@ -205,8 +213,9 @@ class Backend:
                 bound = ctx.binds.get(batch) if batch <= ctx.sent_syncs else ctx.open_binds
                 for stmt in bound or ():
                     stmt.stale = True
-            if ctx is not None and ctx.fixups and self._replacing(ctx):
-                return b""  # the stand-in's error would not be the client's
+            if ctx is not None and ctx.fixups and self._replacing(ctx) and not fatal:
+                # The stand-in's error would not be the client's; a FATAL is everyone's news.
+                return b""
             return None
         if ctx is None or not (ctx.fixups or ctx.open_specials):
             return None
