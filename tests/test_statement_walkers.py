@@ -902,3 +902,11 @@ def test_an_error_that_mentions_fatal_is_not_fatal() -> None:
     for err in (fatal, localized):
         be = Backend()
         assert be.feed(ready() + err, None) == ready() and be.fatal_cut and be.cut == err
+
+
+def test_parse_without_the_querys_nul_is_refused() -> None:
+    # Without the check, the query text ran on into the next messages (a LISTEN there would
+    # have been noted as this statement's effect).
+    bad = msg(b"P", b"s1\x00select 1")  # no NUL after the query, no parameter count
+    with pytest.raises(ProtocolError, match="invalid string"):
+        Frontend(inspect=True).feed(bad + query("LISTEN x"))

@@ -409,7 +409,7 @@ class Frontend:
         if typ == _P:
             nul = _nul(data, start, end)
             name = data[start:nul]
-            text = data[nul + 1 : data.find(b"\x00", nul + 1, end)]
+            text = data[nul + 1 : _nul(data, nul + 1, end)]
             flags, names = classify(text)
             self._note(flags, names)
             if flags:
