@@ -502,7 +502,13 @@ async def test_stopped_instance_fails_only_its_transactions_and_comes_back(
             timeout=15,
             what="the restarted follower to take half the pool again",
         )
-        assert load.served_since(restarted)[F1] > 0
+        # Its new backends are counted as soon as they exist, a moment before they have
+        # answered a query: wait for one answer rather than assert it at once.
+        await eventually(
+            lambda: load.served_since(restarted)[F1] > 0,
+            timeout=5,
+            what="a query answered by the restarted follower",
+        )
     assert not load.wrong, load.wrong[:5]
     failures = load.errors
     # only transactions in flight on the stopped instance failed, all with a clean SQLSTATE
