@@ -531,11 +531,17 @@ def test_garbage_after_good_messages_leaves_the_server_in_step(
             assert not errors(wire.login("app", APP_PASSWORD, "appdb"))
             wire.send(prefix + b"Q" + struct.pack("!i", -1))
             assert fatal_codes(wire.until_closed(10)) == ["08P01"]
-        with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
-            for n in range(5):
-                row = conn.execute("SELECT %s::int * 2, %s::text", (n, f"q{n}")).fetchone()
-                assert row == (2 * n, f"q{n}")
+        next_client_prepares_and_gets_its_rows(proxy)
     assert_no_crash(proxy)
+
+
+def next_client_prepares_and_gets_its_rows(proxy: ProxyProcess) -> None:
+    """A well-behaved client on the (only) server the misbehaving one left: every statement
+    prepared (prepare_threshold=0), so any bookkeeping left out of step shows."""
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for n in range(5):
+            row = conn.execute("SELECT %s::int * 2, %s::text", (n, f"q{n}")).fetchone()
+            assert row == (2 * n, f"q{n}")
 
 
 @pytest.mark.parametrize(
@@ -560,8 +566,5 @@ def test_error_without_sync_then_leaving_leaves_the_server_in_step(
         with PgWire.connect(proxy.host, proxy.port) as wire:
             assert not errors(wire.login("app", APP_PASSWORD, "appdb"))
             wire.send(data)
-        with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
-            for n in range(5):
-                row = conn.execute("SELECT %s::int * 2, %s::text", (n, f"q{n}")).fetchone()
-                assert row == (2 * n, f"q{n}")
+        next_client_prepares_and_gets_its_rows(proxy)
     assert_no_crash(proxy)

@@ -4,6 +4,17 @@ import psycopg
 from psycopg import pq
 
 
+def start_extended_copy(conn: psycopg.Connection, table: str) -> pq.abc.PGconn:
+    """COPY FROM STDIN sent with the extended protocol (Parse/Bind/Execute/Sync), up to the
+    server's CopyInResponse; returns the libpq connection to go on with."""
+    pgc = conn.pgconn
+    pgc.send_query_params(f"COPY {table} FROM STDIN".encode(), None)
+    while True:
+        res = pgc.get_result()
+        if res is not None and res.status == pq.ExecStatus.COPY_IN:
+            return pgc
+
+
 def test_extended_copy_releases_server(pg, proxy_factory):
     table = pg.create_table("id int")
     # Pool of 1, short wait: a server never released fails the second client fast.
@@ -12,12 +23,7 @@ def test_extended_copy_releases_server(pg, proxy_factory):
         psycopg.connect(proxy.dsn(), autocommit=True) as a,
         psycopg.connect(proxy.dsn(), autocommit=True) as b,
     ):
-        pgc = a.pgconn
-        pgc.send_query_params(f"COPY {table} FROM STDIN".encode(), None)
-        while True:
-            res = pgc.get_result()
-            if res is not None and res.status == pq.ExecStatus.COPY_IN:
-                break
+        pgc = start_extended_copy(a, table)
         pgc.put_copy_data(b"1\n2\n")
         pgc.put_copy_end()
         res = pgc.get_result()
@@ -36,12 +42,7 @@ def test_client_gone_mid_extended_copy_is_not_handed_on(pg, proxy_factory):
     proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="1", SIDECAR_QUERY_WAIT_TIMEOUT="5")
     for _ in range(3):
         a = psycopg.connect(proxy.dsn(), autocommit=True)
-        pgc = a.pgconn
-        pgc.send_query_params(f"COPY {table} FROM STDIN".encode(), None)
-        while True:
-            res = pgc.get_result()
-            if res is not None and res.status == pq.ExecStatus.COPY_IN:
-                break
+        pgc = start_extended_copy(a, table)
         pgc.put_copy_data(b"1\n2\n")
         pgc.flush()
         a.close()
