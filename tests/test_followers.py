@@ -437,22 +437,41 @@ async def test_cap_per_instance_is_never_exceeded(
 ) -> None:
     cap = 6
     proxy = start_proxy(proxy_factory, followers, dns, SIDECAR_MAX_PER_INSTANCE=cap)
+    # 40 clients over 12 server connections: they waited, and every query was answered
+    load = await hold_capped_load(
+        proxy, backends, cap, settle_s=15, run_s=3.0, min_answers=100, min_samples=50
+    )
+    assert load.ok > 200
+
+
+async def hold_capped_load(
+    proxy: ProxyProcess,
+    backends: Backends,
+    cap: int,
+    *,
+    settle_s: float,
+    run_s: float,
+    min_answers: int,
+    min_samples: int,
+) -> Load:
+    """40 clients through a pool capped at `cap` per follower: the spread reaches the cap on
+    both, serving goes on (more than `min_answers` in `run_s`), no instance's peak ever passes
+    the cap, and the load ends clean. Returns the finished load."""
     with Watch(backends, [F1, F2]) as watch:
         async with Load(proxy, clients=40) as load:
             await eventually(
                 spread_is(backends, {F1: cap, F2: cap}, slack=0),
-                timeout=15,
+                timeout=settle_s,
                 what=f"{cap} on each follower",
             )
             started = load.ok
-            await asyncio.sleep(3.0)
-            assert load.ok - started > 100, "the capped pool stopped serving"
-    assert len(watch.samples) > 50
+            await asyncio.sleep(run_s)
+            assert load.ok - started > min_answers, "the capped pool stopped serving"
+    assert len(watch.samples) > min_samples
     peaks = {a: watch.peak(a) for a in (F1, F2)}
     assert peaks == {F1: cap, F2: cap}, f"per-instance peaks {peaks}, cap {cap}"
-    # 40 clients over 12 server connections: they waited, and every query was answered
     load.check_clean()
-    assert load.ok > 200
+    return load
 
 
 async def test_dns_all_mode_spreads_the_first_burst(

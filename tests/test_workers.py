@@ -33,7 +33,7 @@ from pgfixtures import (
 )
 from psycopg.conninfo import make_conninfo
 from test_faults import assert_no_tracebacks
-from test_followers import Backends, Load, Watch, events, eventually, spread_is, start_proxy
+from test_followers import Backends, events, hold_capped_load, start_proxy
 
 from sidecar.config import MAX_WORKERS, ConfigError, PoolConfig, Settings, load_settings, parse_url
 from sidecar.workers import (
@@ -372,21 +372,10 @@ async def test_the_per_instance_cap_holds_across_workers(
         SIDECAR_STATS_PERIOD=1,
     )
     await asyncio.to_thread(wait_listening, proxy, 2)
-    with Watch(backends, [F1, F2]) as watch:
-        async with Load(proxy, clients=40) as load:
-            # worker 0 may hold 2 per instance, worker 1 one: together the cap, on each
-            await eventually(
-                spread_is(backends, {F1: cap, F2: cap}, slack=0),
-                timeout=20,
-                what=f"{cap} on each follower",
-            )
-            started = load.ok
-            await asyncio.sleep(1.5)
-            assert load.ok - started > 50, "the capped pool stopped serving"
-    assert len(watch.samples) > 30
-    peaks = {a: watch.peak(a) for a in (F1, F2)}
-    assert peaks == {F1: cap, F2: cap}, f"per-instance peaks {peaks}, cap {cap}"
-    load.check_clean()
+    # worker 0 may hold 2 per instance, worker 1 one: together the cap, on each
+    await hold_capped_load(
+        proxy, backends, cap, settle_s=20, run_s=1.5, min_answers=50, min_samples=30
+    )
     # stats lines per worker, to be summed: each with its share of the pool and of the cap
     maxes = {e["worker"]: e["sample#servers.max"] for e in events(proxy, "stats")}
     assert maxes == {"0": "10", "1": "10"}
