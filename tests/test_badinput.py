@@ -464,11 +464,16 @@ def test_md5_answer_when_scram_is_required(proxy: ProxyProcess) -> None:
     assert not any(typ == m.AUTHENTICATION for typ, _ in answer), "it must not log the client in"
 
 
+def _flip_last_hex_digit(answer: bytes) -> bytes:
+    # Always a different digit: a fixed b"0" was the right answer one time in 16 (random salt).
+    return answer[:-1] + (b"1" if answer.endswith(b"0") else b"0")
+
+
 def test_md5_client_auth(proxy_factory: ProxyFactory) -> None:
     proxy = proxy_factory(SIDECAR_AUTH_TYPE="md5")
     with PgWire.connect(proxy.host, proxy.port) as wire:
         assert not errors(wire.login("app", APP_PASSWORD, "appdb"))
-    wrong = _login_error(proxy, tamper=lambda answer: answer[:-1] + b"0")
+    wrong = _login_error(proxy, tamper=_flip_last_hex_digit)
     assert wrong["C"] == "28P01"
     other = _login_error(proxy, user="md5user", password=MD5_PASSWORD)
     assert other["C"] == "28P01"  # md5user is not this pool's user
