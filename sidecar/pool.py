@@ -177,26 +177,27 @@ class Pool:
         old = server.state
         if old is new:
             return
-        if old is S_CONNECTING:
-            self.connecting -= 1
-        elif old is S_IDLE:
+        # The busy steady state's two moves (idle <-> active) are tested first.
+        if old is S_IDLE:
             if self.idle[-1] is server:
                 self.idle.pop()
             else:
                 self.idle.remove(server)
         elif old is S_ACTIVE:
             self.active.discard(server)
-        elif old is S_CLOSED:
+        elif old is S_CONNECTING:
+            self.connecting -= 1
+        else:
             raise AssertionError("a closed server never comes back")
         server.state = new
-        if new is S_CLOSED and server.instance is not None:
-            server.instance.servers -= 1
-        if new is S_IDLE:
-            self.idle.append(server)  # last_used: set by _release, the one way here
-        elif new is S_ACTIVE:
+        if new is S_ACTIVE:
             self.active.add(server)
+        elif new is S_IDLE:
+            self.idle.append(server)  # last_used: set by _release, the one way here
         elif new is S_CONNECTING:
             self.connecting += 1
+        elif server.instance is not None:  # closed
+            server.instance.servers -= 1
 
     # -- clients -------------------------------------------------------------------------------
 
@@ -445,7 +446,7 @@ class Pool:
             self._fill()
             return
         inst = server.instance
-        if inst is not None and self._excess.get(inst.addr):
+        if inst is not None and self._excess and self._excess.get(inst.addr):
             # Rebalancing: this instance has more than its share; its replacement goes to
             # the least-loaded instance.
             self._excess[inst.addr] -= 1
@@ -482,7 +483,9 @@ class Pool:
             # common case -- compare in one C-level comparison.
             client.params = {**(self.defaults or {}), **client.params}
             client.params_full = True
-        sql = self._sync_sql(client.params, server.params)
+        # Equal settings (the common case) in one C-level comparison, without a call.
+        want, have = client.params, server.params
+        sql = None if want == have else self._sync_sql(want, have)
         delay = self.settings.server_check_delay
         if sql is None and delay >= 0 and now - server.last_used > delay:
             sql = self.settings.server_check_query  # "" is an empty query: one round trip

@@ -22,7 +22,11 @@ _E = ord("E")
 _I = ord("I")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
-_WHOLE = b"ZSE13G"
+# Read whole: ReadyForQuery, ParameterStatus, ErrorResponse, CopyInResponse; and with
+# statement fixups pending, ParseComplete and CloseComplete.
+_WHOLE_PLAIN = b"ZSEG"
+_WHOLE = _WHOLE_PLAIN + b"13"
+_EVERY = bytes(range(256))
 _COPY_IN_RESPONSE = ord("G")
 PARSE_COMPLETE_MSG = b"1\x00\x00\x00\x04"
 
@@ -110,15 +114,23 @@ class Backend:
             self._skip -= pos
         out: list[bytes] | None = None
         copied = 0
-        while pos < n:
-            if n - pos < 5:
-                self._held = data[pos:]
-                break
+        # With statement fixups pending (no feed adds any) every message takes the full path.
+        slow = _EVERY if ctx is not None and (ctx.fixups or ctx.open_specials) else _WHOLE_PLAIN
+        headed = n - 5  # the last position where a whole header can start
+        while pos <= headed:
             typ = data[pos]
             (length,) = _unpack_i32(data, pos + 1)
+            end = pos + 1 + length
+            if typ not in slow and 4 <= length <= MAX_MESSAGE_LENGTH:
+                # Most messages (RowDescription, DataRow, CommandComplete ...): streamed as is.
+                if end <= n:
+                    pos = end
+                    continue
+                self._skip = end - n
+                pos = n
+                break
             if length < 4 or length > MAX_MESSAGE_LENGTH:
                 raise ProtocolError(f"invalid message length {length} from server")
-            end = pos + 1 + length
             if typ == _Z:  # the one whole message of every answer: inline
                 if end > n:
                     self._held = data[pos:]
@@ -176,6 +188,9 @@ class Backend:
                 pos = n
                 break
             pos = end
+        else:
+            if pos < n:  # less than a header left
+                self._held = data[pos:]
         self.zs = zs
         self.xacts = xacts
         self.at_boundary = not self._skip and not self._held

@@ -40,6 +40,7 @@ _COPY_WATCH = b"ESdcf"
 _EXECUTE = ord("E")
 # Every message type a logged-in client may send (PostgreSQL closes the session on others).
 _FRONTEND_TYPES = b"BCDEFHPQSXcdf"
+_USUAL = _FRONTEND_TYPES.replace(b"X", b"")  # all but Terminate
 _NONE = -1
 
 # What a query does to the session (bit flags).
@@ -239,6 +240,7 @@ class Frontend:
         "dirty_tail",
         "flags",
         "inspect",
+        "mid_message",
         "set_names",
         "statements",
     )
@@ -255,6 +257,8 @@ class Frontend:
         self._batch_open = False
         #: The bytes sent end inside an extended-protocol batch (no Sync yet) or a message.
         self.dirty_tail = False
+        #: The bytes sent end inside a message (streamed in part, rest to come).
+        self.mid_message = False
         #: Client statement name -> proxy-wide statement.
         self.statements: dict[bytes, Statement] = {}
         #: Q_* flags seen since the caller last cleared them, and settings SET meanwhile.
@@ -267,11 +271,6 @@ class Frontend:
     @property
     def holding(self) -> bool:
         return bool(self._held)
-
-    @property
-    def mid_message(self) -> bool:
-        """The bytes sent so far end inside a message (streamed in part, rest to come)."""
-        return bool(self._skip)
 
     def feed(
         self,
@@ -294,7 +293,7 @@ class Frontend:
         terminate = False
         last = _NONE  # type of the last non-copy message that ended in `data`
         if self._skip:
-            pos = min(self._skip, n)
+            pos = self._skip if self._skip < n else n
             self._skip -= pos
             if not self._skip and self._skip_type not in _COPY:
                 last = self._skip_type
@@ -302,18 +301,16 @@ class Frontend:
         copied = 0  # data[copied:pos] not yet in `out`
         inspect = self.inspect
         after_exec, exec_syncs = self._after_exec, self._exec_syncs
-        while pos < n:
-            if n - pos < 5:
-                self._held = data[pos:]
-                break
+        headed = n - 5  # the last position where a whole header can start
+        while pos <= headed:
             typ = data[pos]
             (length,) = _unpack_i32(data, pos + 1)
-            if length < 4 or length > MAX_MESSAGE_LENGTH:
-                raise ProtocolError(f"invalid message length {length}")
-            if typ not in _FRONTEND_TYPES:
-                raise ProtocolError(f"invalid frontend message type {typ}")
-            end = pos + 1 + length
-            if typ == _X:
+            if typ not in _USUAL or length < 4 or length > MAX_MESSAGE_LENGTH:
+                # One test on the fast path for three rare cases.
+                if length < 4 or length > MAX_MESSAGE_LENGTH:
+                    raise ProtocolError(f"invalid message length {length}")
+                if typ != _X:
+                    raise ProtocolError(f"invalid frontend message type {typ}")
                 terminate = True
                 if out is not None:
                     out.append(data[copied:pos])
@@ -321,13 +318,19 @@ class Frontend:
                 data = data[:pos]
                 n = pos
                 break
+            end = pos + 1 + length
             if inspect and typ in _INSPECT:
+                # Whole messages only; none of them is a COPY or a Sync, and each one ends
+                # here (fewer tests per message than the general path below).
                 if end > n:
                     self._held = data[pos:]
                     break
                 if typ == _Q:  # most of them: no call at all when the text has no effect
                     sql = data[pos + 5 : end - 1]
                     repl = None if _plain(sql) else self._query(sql, ctx)
+                    requests += 1
+                    if ctx is not None:
+                        self._request(ctx)
                 elif typ in _BIND_DESCRIBE:
                     # Nothing to rename or note without the client's named statements (an
                     # unnamed-statement client): no call.
@@ -344,13 +347,16 @@ class Frontend:
                     out.append(data[copied:pos])
                     out.append(repl)
                     copied = end
+                if after_exec:
+                    after_exec = False
+                    exec_syncs = 0
+                last = typ
+                pos = end
+                continue
             if typ in _REQUESTS:
                 requests += 1
                 if ctx is not None:
-                    ctx.sent_syncs += 1
-                    ctx.batch_parses = ctx.batch_closes = 0
-                    if ctx.open_specials or ctx.open_binds:
-                        self._sync_point(ctx)
+                    self._request(ctx)
             if typ in _COPY_WATCH:
                 if typ == _EXECUTE:
                     exec_syncs = 0
@@ -382,10 +388,14 @@ class Frontend:
             if typ not in _COPY:
                 last = typ
             pos = end
+        else:
+            if pos < n:  # less than a header left
+                self._held = data[pos:]
         self._after_exec, self._exec_syncs = after_exec, exec_syncs
         if last != _NONE:
             self._batch_open = last in _EXTENDED
-        self.dirty_tail = self._batch_open or bool(self._skip)
+        mid = self.mid_message = self._skip != 0
+        self.dirty_tail = self._batch_open or mid
         limit = n - len(self._held) if self._held else n
         if out is None:
             sent = data if limit == len(data) else data[:limit]
@@ -562,6 +572,13 @@ class Frontend:
             ctx.open_specials[:0] = merged
             ctx.open_binds[:0] = ctx.binds.pop(ctx.sent_syncs, [])
             ctx.sent_syncs -= 1
+
+    def _request(self, ctx: ServerStatements) -> None:
+        """A Query, Sync or FunctionCall went out: the server will close a batch there."""
+        ctx.sent_syncs += 1
+        ctx.batch_parses = ctx.batch_closes = 0
+        if ctx.open_specials or ctx.open_binds:
+            self._sync_point(ctx)
 
     def _sync_point(self, ctx: ServerStatements) -> None:
         """A sync point ended a batch with specials or binds (sent_syncs already counted)."""
