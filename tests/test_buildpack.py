@@ -19,7 +19,9 @@ import yaml
 from pgfixtures import REPO_ROOT, PostgresServer, free_port, short_tempdir
 from test_launcher import password_leaks, sidecar_lines
 
-BUILDPACK = REPO_ROOT / "buildpack" / "bin"
+# What Heroku runs: bin/ at the root of the buildpack (this repository), which hands over to
+# buildpack/bin/.
+BUILDPACK = REPO_ROOT / "bin"
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
