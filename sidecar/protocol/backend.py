@@ -114,7 +114,8 @@ class Backend:
             self._skip -= pos
         out: list[bytes] | None = None
         copied = 0
-        # With statement fixups pending (no feed adds any) every message takes the full path.
+        # Fixups come from the client's side, never from a feed: with none pending now, only
+        # the types read whole need the full path; with some, every message takes it.
         slow = _EVERY if ctx is not None and (ctx.fixups or ctx.open_specials) else _WHOLE_PLAIN
         headed = n - 5  # the last position where a whole header can start
         while pos <= headed:
