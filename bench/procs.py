@@ -134,9 +134,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _proc_times() -> dict[int, tuple[int, float]]:
-    """pid -> (ppid, CPU seconds of the process and of its reaped children) for every process."""
-    out: dict[int, tuple[int, float]] = {}
+def _proc_times() -> dict[int, tuple[int, float, float]]:
+    """pid -> (ppid, user and system CPU seconds of the process and of its reaped children)
+    for every process."""
+    out: dict[int, tuple[int, float, float]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -147,24 +148,32 @@ def _proc_times() -> dict[int, tuple[int, float]]:
         fields = text[text.rindex(")") + 2 :].split()
         # utime stime cutime cstime: a child's time moves into its parent's c* fields when it
         # is reaped, so a pgbench or backend that exits mid-run is still counted.
-        ticks = sum(int(f) for f in fields[11:15])
-        out[int(entry.name)] = (int(fields[1]), ticks / CLK_TCK)
+        user = int(fields[11]) + int(fields[13])
+        system = int(fields[12]) + int(fields[14])
+        out[int(entry.name)] = (int(fields[1]), user / CLK_TCK, system / CLK_TCK)
     return out
+
+
+def tree_cpu_split(roots: set[int]) -> tuple[float, float]:
+    """User and system CPU seconds used so far by the processes `roots` and all their
+    descendants."""
+    procs = _proc_times()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    user = system = 0.0
+    todo = [r for r in roots if r in procs]
+    while todo:
+        pid = todo.pop()
+        user += procs[pid][1]
+        system += procs[pid][2]
+        todo.extend(children.get(pid, ()))
+    return user, system
 
 
 def tree_cpu(roots: set[int]) -> float:
     """CPU seconds used so far by the processes `roots` and all their descendants."""
-    procs = _proc_times()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    total = 0.0
-    todo = [r for r in roots if r in procs]
-    while todo:
-        pid = todo.pop()
-        total += procs[pid][1]
-        todo.extend(children.get(pid, ()))
-    return total
+    return sum(tree_cpu_split(roots))
 
 
 def machine_cpu() -> float:
@@ -199,6 +208,11 @@ def pooler_cpu(pid: int) -> float:
     return tree_cpu({pid})
 
 
+def pooler_cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a pooler process and its children."""
+    return tree_cpu_split({pid})
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) in KiB of the process and its children (each worker of
     SIDECAR_WORKERS > 1 is one), summed."""
@@ -207,7 +221,7 @@ def memory_kib(pid: int) -> dict[str, int]:
     while todo:
         p = todo.pop()
         pids.append(p)
-        todo.extend(c for c, (ppid, _) in procs.items() if ppid == p)
+        todo.extend(c for c, (ppid, _, _) in procs.items() if ppid == p)
     out = {"VmRSS": 0, "VmHWM": 0}
     for p in pids:
         try:
@@ -481,6 +495,22 @@ class Sidecar(Pooler):
         # The sslmode comes from SIDECAR_SERVER_TLS_SSLMODE, not the URL.
         url = pg.url(sslmode).partition("?")[0]
         self._spawn([self.python, "-m", "sidecar", f"{DBNAME}={url}"], env=env, cwd=REPO_ROOT)
+        self.wait_ready()
+
+
+class Floor(Pooler):
+    """bench/floor.py: a 1:1 uvloop forwarder, the floor for a pooler written in Python."""
+
+    name = "floor"
+
+    def __init__(self, base: Path, python: str) -> None:
+        super().__init__(base)
+        self.python = python
+
+    def start(self, pg: Postgres) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        script = REPO_ROOT / "bench" / "floor.py"
+        self._spawn([self.python, str(script), str(self.port), str(pg.port)], cwd=REPO_ROOT)
         self.wait_ready()
 
 

@@ -216,6 +216,14 @@ def extras_text(extras: dict[str, Any]) -> str:
             f"cpu           {name:<10} {_num(cpu, '.3f')} CPU s per 10,000 transactions"
             " (-S simple, 50 clients, median of rounds)"
         )
+    for name, split in extras.get("cpu_split", {}).items():
+        what = " (bench/floor.py: 1:1 uvloop forwarder, no parsing, no pooling)"
+        lines.append(
+            f"cpu split     {name:<10} user {split['user_s']:.3f} s + system"
+            f" {split['system_s']:.3f} s per 10,000 transactions"
+            + (what if name == "floor" else "")
+            + _disturbed(max(split["foreign_cpu_pct"]))
+        )
     return "\n".join(lines)
 
 

@@ -59,6 +59,7 @@ from procs import (  # noqa: E402
     PGBOUNCER,
     USER,
     BenchError,
+    Floor,
     ForeignLoad,
     OsUser,
     PgBouncer,
@@ -67,12 +68,13 @@ from procs import (  # noqa: E402
     Sidecar,
     memory_kib,
     pooler_cpu,
+    pooler_cpu_split,
     python_for_sidecar,
     run,
 )
 from workloads import WORKLOADS, Run, initialise, run_pgbench  # noqa: E402
 
-EXTRAS = ("idle", "storm")
+EXTRAS = ("idle", "storm", "floor")
 FD_LIMIT = 65536
 
 
@@ -217,6 +219,7 @@ class Bench:
         self.pg = Postgres(base / "pg", os_user)
         self.pgbouncer = PgBouncer(base / "pgbouncer", os_user)
         self.sidecar = Sidecar(base / "sidecar", python_for_sidecar(), args.workers)
+        self.floor = Floor(base / "floor", python_for_sidecar())
         self.pgbench = self.pg.bin_dir / "pgbench"
         self.log_dir = base / "pgbench-logs"
         self.log_dir.mkdir()
@@ -279,7 +282,7 @@ class Bench:
         return ForeignLoad({os.getpid(), self.pg.pid})
 
     def stop(self) -> None:
-        for pooler in (self.sidecar, self.pgbouncer):
+        for pooler in (self.sidecar, self.pgbouncer, self.floor):
             pooler.stop()
         self.pg.stop()
 
@@ -410,6 +413,46 @@ class Bench:
                 "foreign_cpu_pct": foreign[name],
             }
         return out
+
+    def cpu_split(self) -> dict[str, Any]:
+        """User and system CPU per 10,000 transactions (-S simple, 50 clients, interleaved
+        rounds) of PgBouncer, the sidecar and bench/floor.py, the floor for any pooler written
+        in Python: which part of the gap is the kernel, Python itself, or the sidecar's work."""
+        a = self.args
+        self.floor.start(self.pg)
+        poolers: list[Pooler] = [self.pgbouncer, self.sidecar, self.floor]
+        runs: dict[str, list[tuple[float, float]]] = {p.name: [] for p in poolers}
+        foreign: dict[str, list[float]] = {p.name: [] for p in poolers}
+        try:
+            for rnd in range(1, a.rounds + 1):
+                for pooler in poolers:
+                    user0, system0 = pooler_cpu_split(pooler.pid)
+                    watch = self.foreign_load()
+                    r = run_pgbench(
+                        self.pgbench, pooler.port, "simple", 50, a.seconds, "disable", self.log_dir
+                    )
+                    user1, system1 = pooler_cpu_split(pooler.pid)
+                    if r.error or not r.transactions:
+                        raise BenchError(f"cpu split through {pooler.name}: {r.error}")
+                    per = 10_000 / r.transactions
+                    runs[pooler.name].append(((user1 - user0) * per, (system1 - system0) * per))
+                    foreign[pooler.name].append(round(watch.percent(), 1))
+                    log(
+                        f"cpu split round {rnd} {pooler.name}: user {runs[pooler.name][-1][0]:.3f}"
+                        f" s + system {runs[pooler.name][-1][1]:.3f} s per 10,000 transactions"
+                        f"{_other_load(foreign[pooler.name][-1])}"
+                    )
+                    settle(pooler)
+        finally:
+            self.floor.stop()
+        return {
+            name: {
+                "user_s": round(statistics.median(u for u, _ in values), 3),
+                "system_s": round(statistics.median(s for _, s in values), 3),
+                "foreign_cpu_pct": foreign[name],
+            }
+            for name, values in runs.items()
+        }
 
     async def _one_login(self, pooler: Pooler) -> None:
         conn = await loadclient.Conn.login(HOST, pooler.port, USER, PASSWORD, DBNAME)
@@ -555,6 +598,11 @@ def main(argv: list[str] | None = None) -> int:
             extras["idle"] = bench.idle()
         if "storm" in args.extras:
             extras["storm"] = bench.storm()
+        if "floor" in args.extras:
+            if args.tls:
+                log("cpu split: skipped with --tls (bench/floor.py speaks to PostgreSQL in clear)")
+            else:
+                extras["cpu_split"] = bench.cpu_split()
         simple50 = report.find_cell(cells, "simple", 50)
         if simple50:
             extras["cpu"] = {
