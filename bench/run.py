@@ -435,11 +435,12 @@ class Bench:
                     if r.error or not r.transactions:
                         raise BenchError(f"cpu split through {pooler.name}: {r.error}")
                     per = 10_000 / r.transactions
-                    runs[pooler.name].append(((user1 - user0) * per, (system1 - system0) * per))
+                    user, system = (user1 - user0) * per, (system1 - system0) * per
+                    runs[pooler.name].append((user, system))
                     foreign[pooler.name].append(round(watch.percent(), 1))
                     log(
-                        f"cpu split round {rnd} {pooler.name}: user {runs[pooler.name][-1][0]:.3f}"
-                        f" s + system {runs[pooler.name][-1][1]:.3f} s per 10,000 transactions"
+                        f"cpu split round {rnd} {pooler.name}: user {user:.3f} s + system"
+                        f" {system:.3f} s per 10,000 transactions"
                         f"{_other_load(foreign[pooler.name][-1])}"
                     )
                     settle(pooler)
