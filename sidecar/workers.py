@@ -150,12 +150,79 @@ def worker_count(
                     f" worker), got {total}; lower SIDECAR_WORKERS or raise {name.split()[0]}"
                 )
         return wanted, None
-    available = cpus if cpus is not None else len(os.sched_getaffinity(0))
-    count, why = min(available, MAX_WORKERS), None
+    if cpus is None:
+        cpus, source = usable_cpus()
+    else:
+        source = "CPUs"
+    count, why = min(cpus, MAX_WORKERS), None
     for total, name in limits:
         if total < count:
             count, why = total, f"{name} is {total}"
-    return max(count, 1), f"auto: {available} CPUs" + (f", but {why}" if why else "")
+    return max(count, 1), f"auto: {cpus} {source}" + (f", but {why}" if why else "")
+
+
+def usable_cpus(root: str = "/") -> tuple[int, str]:
+    """CPUs this process may use, and what said so: "CPUs" (its affinity mask) or "CPUs
+    (cgroup quota)" when a CPU quota allows fewer.
+
+    A container sees every CPU of its host in its affinity mask; what it gets is its cgroup's
+    quota (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), the tightest of
+    its cgroup and their parents'. A quota of 1.5 CPUs is 1 worker: a second would only
+    share the first one's time. `root` is where /proc and /sys are (tests).
+    """
+    affinity = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota(root)
+    if quota is not None and quota < affinity:
+        return max(int(quota), 1), "CPUs (cgroup quota)"
+    return affinity, "CPUs"
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """The tightest CPU quota over this process's cgroup and its parents, in CPUs; None if
+    none is set (or cgroups are not there to read)."""
+    try:
+        with open(os.path.join(root, "proc/self/cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found: list[float] = []
+    for line in lines:
+        _id, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        files: tuple[str, ...]
+        if controllers == "":  # v2: cpu.max is "max 100000" or "200000 100000"
+            base, files = os.path.join(root, "sys/fs/cgroup"), ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            base = os.path.join(root, "sys/fs/cgroup", controllers)
+            if not os.path.isdir(base):  # mounted as cpu,cpuacct but listed the other way
+                base = os.path.join(root, "sys/fs/cgroup/cpu")
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        # The cgroup and each parent up to the mount's root: a limit anywhere applies.
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            quota = _read_quota(os.path.join(base, *parts[:depth]), files)
+            if quota is not None:
+                found.append(quota)
+    return min(found) if found else None
+
+
+def _read_quota(directory: str, files: tuple[str, ...]) -> float | None:
+    try:
+        texts = []
+        for name in files:
+            with open(os.path.join(directory, name)) as f:
+                texts.append(f.read().split())
+        if len(files) == 1:  # cpu.max
+            quota, period = texts[0][0], texts[0][1]
+        else:
+            quota, period = texts[0][0], texts[1][0]
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period) if int(period) > 0 and int(quota) > 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- one worker --------------------------------------------------------------------------------

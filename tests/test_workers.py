@@ -44,6 +44,7 @@ from sidecar.workers import (
     share,
     share_pool,
     share_settings,
+    usable_cpus,
     worker_count,
 )
 
@@ -191,14 +192,64 @@ def test_a_share_of_zero_refuses_to_start_naming_the_setting() -> None:
 
 def test_auto_is_the_cpus_we_may_use_lowered_to_fit() -> None:
     settings, _ = load_settings({"SIDECAR_WORKERS": "auto"})
-    cpus = len(os.sched_getaffinity(0))
-    assert worker_count(settings, _pools()) == (cpus, f"auto: {cpus} CPUs")
+    cpus, source = usable_cpus()
+    assert worker_count(settings, _pools()) == (cpus, f"auto: {cpus} {source}")
     assert worker_count(settings, _pools(), cpus=8) == (8, "auto: 8 CPUs")
     big = Settings(workers="auto", default_pool_size=100)
     assert worker_count(big, _pools(), cpus=200) == (MAX_WORKERS, "auto: 200 CPUs")
     count, why = worker_count(settings, _pools(default_pool_size=3), cpus=8)
     assert count == 3
     assert why == "auto: 8 CPUs, but default_pool_size of pool follower (sidecar.yml) is 3"
+
+
+def _cgroups(root: Path, proc: str, files: dict[str, str]) -> str:
+    """A /proc/self/cgroup and cgroup files under `root`, as a container would see them."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(proc)
+    for name, text in files.items():
+        path = root / "sys/fs/cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(root)
+
+
+def test_auto_counts_a_cgroup_cpu_quota(tmp_path: Path) -> None:
+    # A container's affinity mask names every CPU of the host; its quota is what it gets.
+    affinity = len(os.sched_getaffinity(0))
+    v2 = _cgroups(
+        tmp_path / "v2",
+        "0::/dyno/web.1\n",
+        {
+            "cpu.max": "max 100000\n",
+            "dyno/cpu.max": "100000 100000\n",
+            "dyno/web.1/cpu.max": "max 100000\n",
+        },
+    )
+    # The parent's limit (1 CPU) applies to the child that has none of its own.
+    expected = (1, "CPUs (cgroup quota)") if affinity > 1 else (1, "CPUs")
+    assert usable_cpus(v2) == expected
+    v1 = _cgroups(
+        tmp_path / "v1",
+        "5:memory:/x\n4:cpu,cpuacct:/x\n",
+        {
+            "cpu,cpuacct/x/cpu.cfs_quota_us": "150000\n",  # 1.5 CPUs: one worker
+            "cpu,cpuacct/x/cpu.cfs_period_us": "100000\n",
+            "cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+            "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    assert usable_cpus(v1)[0] == 1
+    unlimited = _cgroups(tmp_path / "none", "0::/\n", {"cpu.max": "max 100000\n"})
+    assert usable_cpus(unlimited) == (affinity, "CPUs")
+    # Unreadable or nonsense files are no quota, never an error.
+    assert usable_cpus(str(tmp_path / "missing")) == (affinity, "CPUs")
+    junk = _cgroups(tmp_path / "junk", "0::/\n", {"cpu.max": "lots\n"})
+    assert usable_cpus(junk) == (affinity, "CPUs")
+    # This machine's own cgroups: never more than the affinity mask.
+    assert 1 <= usable_cpus()[0] <= affinity
+    # A quota above the CPUs there are changes nothing.
+    big = _cgroups(tmp_path / "big", "0::/\n", {"cpu.max": f"{(affinity + 2) * 100000} 100000\n"})
+    assert usable_cpus(big) == (affinity, "CPUs")
 
 
 @pytest.mark.parametrize("value", ["0", "65", "-1", "two", "1.5", "", "2 workers"])
@@ -555,9 +606,9 @@ def test_a_killed_worker_is_restarted(pg: PostgresServer, proxy_factory: ProxyFa
 
 
 def test_workers_die_with_their_parent(proxy_factory: ProxyFactory) -> None:
-    cpus = len(os.sched_getaffinity(0))
+    cpus, source = usable_cpus()
     proxy = start(proxy_factory, workers="auto", count=cpus)
-    assert events(proxy, "workers", workers=str(cpus), chosen=f"auto: {cpus} CPUs")
+    assert events(proxy, "workers", workers=str(cpus), chosen=f"auto: {cpus} {source}")
     children = children_of(proxy.proc.pid)
     assert len(children) == cpus - 1
     proxy.proc.kill()
