@@ -99,3 +99,71 @@ def test_upstream_auth_methods(
     assert row == (user, "appdb", 2)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(proxy.dsn(user, "wrong", dbname=dbname)).close()
+
+
+async def test_tls_results_stay_whole_and_apart_under_concurrency(proxy: ProxyProcess) -> None:
+    # Every TLS server connection decrypts into one shared read buffer (server.TLSServerConn):
+    # results larger than it, read in many pieces by many connections at once, must reach
+    # each client whole and unmixed -- also a client that reads slowly, so that the proxy
+    # holds its bytes while other connections' reads reuse the buffer.
+    import asyncio
+    import hashlib
+    import threading
+    import time
+
+    def expected(tag: str, rows: int) -> list[str]:
+        # rows of ~16 KiB: 40 rows are ~650 KiB, above the 256 KiB buffer
+        return [
+            hashlib.md5(f"{tag}-{i}".encode()).hexdigest() * 500 + f"|{tag}|{i}"
+            for i in range(1, rows + 1)
+        ]
+
+    query = (
+        "select repeat(md5($1 || '-' || i), 500) || '|' || $1 || '|' || i"
+        " from generate_series(1, $2::int) i order by i"
+    )
+
+    stop = threading.Event()
+
+    async def one(n: int) -> None:
+        conn = await asyncpg.connect(**proxy.asyncpg_params(), command_timeout=20)
+        try:
+            round_ = 0
+            while not stop.is_set() or round_ < 2:
+                round_ += 1
+                tag = f"c{n}r{round_}"
+                rows = await conn.fetch(query, tag, 40)
+                assert [r[0] for r in rows] == expected(tag, 40), f"client {n} round {round_}"
+                # a small answer in between, on the same server stream
+                assert await conn.fetchval("select $1::int + 1", n) == n + 1
+        finally:
+            conn.terminate()
+
+    failures: list[BaseException] = []
+
+    def others() -> None:
+        async def run() -> None:
+            await asyncio.gather(*(one(n) for n in range(12)))
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    slow = await asyncpg.connect(**proxy.asyncpg_params(), command_timeout=20)
+    thread = threading.Thread(target=others, daemon=True)
+    thread.start()
+    try:
+        for round_ in range(3):
+            tag = f"slow{round_}"
+            # ~10 MB: more than the kernel buffers between us take, so the proxy holds some
+            task = asyncio.ensure_future(slow.fetch(query, tag, 600))
+            await asyncio.sleep(0.05)  # the query is sent
+            time.sleep(0.5)  # nothing reads this client's socket meanwhile
+            rows = await task
+            assert [r[0] for r in rows] == expected(tag, 600), f"slow client round {round_}"
+    finally:
+        stop.set()
+        slow.terminate()
+        thread.join(60)
+    assert not thread.is_alive() and not failures, failures
