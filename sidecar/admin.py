@@ -459,8 +459,6 @@ class Console:
         args = tokens[1:]
         if verb == "show":
             return self._plan_show(args)
-        if verb in ("pause", "resume", "reconnect", "reload"):
-            self._one_worker_only(verb)
         if verb in ("pause", "resume", "reconnect"):
             pools = self._pools(self._at_most_one(verb, args))
             if verb == "pause":
@@ -469,6 +467,7 @@ class Console:
                 return Plan(None, lambda: self.resume(pools))
             return Plan(None, lambda: self.reconnect(pools))
         if verb == "reload":
+            self._one_worker_only(verb)
             self._no_args(verb, args)
             return Plan(None, self.reload)
         if verb == "shutdown":
@@ -507,13 +506,13 @@ class Console:
         return Plan(show.columns, run)
 
     def _one_worker_only(self, verb: str) -> None:
-        """With several workers these would change one worker's pools and not the others'."""
+        """With several workers this would change one worker's settings and not the others'."""
         w = self.proxy.worker
         if w is not None:
             raise AdminError(
                 FEATURE_NOT_SUPPORTED,
                 f"{verb.upper()} is not supported with SIDECAR_WORKERS={w.count}: this console"
-                f" reached worker {w.index}, and it would act on that worker's pools only",
+                f" reached worker {w.index}, and it would change that worker's settings only",
                 hint="restart the sidecar to apply new settings, or run SIDECAR_WORKERS=1",
             )
 
@@ -847,21 +846,44 @@ class Console:
 
     async def pause(self, pools: list[Pool]) -> Result:
         self._log("pause", pools)
-        await asyncio.gather(*(p.pause() for p in pools))
+        others = asyncio.ensure_future(self._on_other_workers("pause", pools))
+        await asyncio.gather(others, *(p.pause() for p in pools))
         logger.info("paused", pools=",".join(p.name for p in pools))
-        return Result("PAUSE")
+        return Result("PAUSE", notices=others.result())
 
-    def resume(self, pools: list[Pool]) -> Result:
+    def resume(self, pools: list[Pool]) -> RunResult:
         self._log("resume", pools)
         for pool in pools:
             pool.resume()
-        return Result("RESUME")
+        return self._everywhere("resume", pools, "RESUME")
 
-    def reconnect(self, pools: list[Pool]) -> Result:
+    def reconnect(self, pools: list[Pool]) -> RunResult:
         self._log("reconnect", pools)
         for pool in pools:
             pool.reconnect()
-        return Result("RECONNECT")
+        return self._everywhere("reconnect", pools, "RECONNECT")
+
+    def _everywhere(self, verb: str, pools: list[Pool], tag: str) -> RunResult:
+        """Done here; with SIDECAR_WORKERS > 1, done once the other workers did it too."""
+        if self.proxy.worker is None:
+            return Result(tag)
+
+        async def others() -> Result:
+            return Result(tag, notices=await self._on_other_workers(verb, pools))
+
+        return others()
+
+    async def _on_other_workers(self, verb: str, pools: list[Pool]) -> tuple[str, ...]:
+        """The same command on every other worker (with SIDECAR_WORKERS > 1): a notice for
+        each one it did not reach or that failed (the command stands where it ran)."""
+        worker = self.proxy.worker
+        if worker is None:
+            return ()
+        name = "" if len(pools) == len(self.proxy.pools) else pools[0].name
+        problems = await worker.on_every_other(verb, name)
+        for problem in problems:
+            logger.warning("admin_command_incomplete", command=verb, problem=problem)
+        return tuple(f"{verb.upper()} did not complete on {problem}" for problem in problems)
 
     def shutdown(self) -> Result:
         self._log("shutdown")

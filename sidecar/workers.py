@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import log
 from .config import MAX_WORKERS, ConfigError, PoolConfig, Settings, Upstream, parse_workers
@@ -89,6 +89,12 @@ FORWARD_TIMEOUT = 2.0
 STOP_CODE = 0x53_43_53_54  # "SCST"
 #: Control message (worker -> every other): a DNS answer, "<pool>\n<addr> <addr>...".
 SEEN_CODE = 0x53_43_53_4E  # "SCSN"
+#: Control message (a console's worker -> every other): "<verb>\n<pool>" (no pool: all of
+#: them) for PAUSE, RESUME or RECONNECT. The receiver runs it on its own pools and answers on
+#: the same connection with a frame of this code: "ok", or what went wrong.
+ADMIN_CODE = 0x53_43_41_44  # "SCAD"
+#: The console commands that act on every worker.
+ADMIN_VERBS = ("pause", "resume", "reconnect")
 _MAX_CONTROL_MESSAGE = 1024
 
 
@@ -354,6 +360,78 @@ class Worker:
         if what == "cancel":
             logger.info("cancel_forwarded", to_worker=target)
 
+    async def on_every_other(self, verb: str, pool: str) -> list[str]:
+        """Run a console command (ADMIN_VERBS) on every other worker's pools: what went wrong,
+        a line per worker (empty: all of them did it). `pool` "": every pool."""
+        body = f"{verb}\n{pool}".encode()
+        if len(body) + 8 > _MAX_CONTROL_MESSAGE:
+            return [f"pool name too long to pass on to the other workers ({len(body)} bytes)"]
+        data = struct.pack("!ii", 8 + len(body), ADMIN_CODE) + body
+        others = [t for t in range(self.count) if t != self.index]
+        answers = await asyncio.gather(*(self._ask(t, data) for t in others))
+        return [
+            f"worker {t}: {answer}"
+            for t, answer in zip(others, answers, strict=True)
+            if answer != "ok"
+        ]
+
+    async def _ask(self, target: int, data: bytes) -> str:
+        try:
+            async with asyncio.timeout(FORWARD_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(self.ctl_path(target))
+            try:
+                writer.write(data)
+                await writer.drain()
+                # No time limit: PAUSE completes when that worker's busy servers are back.
+                length, code = struct.unpack("!ii", await reader.readexactly(8))
+                if code != ADMIN_CODE or not 8 <= length <= _MAX_CONTROL_MESSAGE:
+                    return "answered with something else than a command's result"
+                return (await reader.readexactly(length - 8)).decode(errors="replace")
+            finally:
+                writer.close()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            # Restarting (it starts unpaused, with fresh servers), or gone.
+            return f"not reached ({exc.__class__.__name__}: {exc or 'closed'})"
+
+    def run_admin(self, body: bytes, transport: asyncio.BaseTransport) -> None:
+        """Another worker's console asks: run it here, answer on `transport`."""
+        self._spawn(self._run_admin(body, cast(asyncio.WriteTransport, transport)))
+
+    async def _run_admin(self, body: bytes, transport: asyncio.WriteTransport) -> None:
+        verb, _, name = body.decode(errors="replace").partition("\n")
+        proxy = self.proxy
+        try:
+            if proxy is None or verb not in ADMIN_VERBS:
+                raise LookupError(f"cannot run {verb!r} here")
+            if name and name not in proxy.pools:
+                raise LookupError(f'no such database: "{name}"')
+            pools = [proxy.pools[name]] if name else list(proxy.pools.values())
+            logger.info(
+                "admin_command",
+                command=verb,
+                pools=",".join(p.name for p in pools) or None,
+                from_console="another worker",
+            )
+            if verb == "pause":
+                await asyncio.gather(*(p.pause() for p in pools))
+                logger.info("paused", pools=",".join(p.name for p in pools))
+            else:
+                for pool in pools:
+                    if verb == "resume":
+                        pool.resume()
+                    else:
+                        pool.reconnect()
+            answer = "ok"
+        except LookupError as exc:
+            answer = str(exc)
+        except Exception as exc:  # a bug: say so there and here, keep serving
+            logger.exception("admin_command_failed", command=verb)
+            answer = f"failed: {exc.__class__.__name__}: {exc}"
+        if not transport.is_closing():
+            reply = answer.encode()[: _MAX_CONTROL_MESSAGE - 8]
+            transport.write(struct.pack("!ii", 8 + len(reply), ADMIN_CODE) + reply)
+            transport.close()
+
     def received(self, code: int, body: bytes) -> None:
         try:
             self._received(code, body)
@@ -405,6 +483,11 @@ class _Control(asyncio.Protocol):
             return
         if len(self.buf) >= length:
             body = self.buf[8:length]
+            if code == ADMIN_CODE and self.transport is not None:
+                # Answered on this connection once done (PAUSE waits).
+                self.buf = b""
+                self.worker.run_admin(body, self.transport)
+                return
             self._close()
             self.worker.received(code, body)
 

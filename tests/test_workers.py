@@ -638,7 +638,7 @@ def test_console_answers_for_its_worker_and_shutdown_stops_all(proxy_factory: Pr
             row = conn.execute("SHOW DATABASES").fetchone()
             assert row is not None and row[5] == (3, 2)[w]  # pool_size: this worker's share
             with pytest.raises(psycopg.errors.FeatureNotSupported, match="SIDECAR_WORKERS=2"):
-                conn.execute("PAUSE")
+                conn.execute("RELOAD")
         pids = {w: c.execute("SHOW WORKERS").fetchone()[2] for w, c in by_worker.items()}  # type: ignore[index]
         assert pids[0] == proxy.proc.pid and pids[1] != pids[0]
         by_worker[1].execute("SHUTDOWN")
@@ -649,6 +649,72 @@ def test_console_answers_for_its_worker_and_shutdown_stops_all(proxy_factory: Pr
     assert proxy.proc.wait(10) == 0
     assert not alive(pids[1])
     assert events(proxy, "shutdown", worker="0", reason="admin SHUTDOWN on worker 1")
+
+
+def _console_on(proxy: ProxyProcess, worker: int) -> psycopg.Connection[Any]:
+    for _ in range(100):
+        conn = psycopg.connect(proxy.dsn(dbname="sidecar"), autocommit=True)
+        if worker_of(conn) == worker:
+            return conn
+        conn.close()
+    raise AssertionError(f"no console connection reached worker {worker}")
+
+
+def test_pause_resume_reconnect_act_on_every_worker(
+    pg: PostgresServer, proxy_factory: ProxyFactory
+) -> None:
+    proxy = start(proxy_factory, SIDECAR_DEFAULT_POOL_SIZE=4)
+    clients = connections_on_both(proxy, 1, autocommit=True)
+    console = _console_on(proxy, 1)
+    notices: list[str] = []
+    console.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    pool = ThreadPoolExecutor(4)
+    try:
+        for c in clients:
+            c.execute("select 1")
+        console.execute("PAUSE")
+        # Every worker hands out no server now: both clients' queries wait.
+        waiting = [pool.submit(c.execute, "select 2") for c in clients]
+        time.sleep(1.0)
+        assert not any(f.done() for f in waiting)
+        console.execute("RESUME")
+        assert [f.result(10).fetchone() for f in waiting] == [(2,), (2,)]
+
+        # RECONNECT: every worker's idle servers close; the next queries get new backends.
+        old = {
+            pid
+            for (pid,) in pg.query(
+                "select pid from pg_stat_activity where usename = 'app'", dbname="postgres"
+            )
+        }
+        assert len(old) >= 2
+        console.execute("RECONNECT")
+        for c in clients:
+            row = c.execute("select pg_backend_pid()").fetchone()
+            assert row is not None and row[0] not in old
+
+        # The console's worker waits for the others' answers: worker 0 stopped, RESUME waits.
+        os.kill(proxy.proc.pid, signal.SIGSTOP)
+        try:
+            resumed = pool.submit(console.execute, "RESUME")
+            time.sleep(1.0)
+            assert not resumed.done()
+        finally:
+            os.kill(proxy.proc.pid, signal.SIGCONT)
+        resumed.result(10)
+        assert notices == []
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        console.close()
+        for c in clients:
+            c.close()
+    for verb in ("pause", "resume", "reconnect"):
+        assert events(proxy, "admin_command", worker="1", command=verb)
+        assert events(
+            proxy, "admin_command", worker="0", command=verb, from_console="another worker"
+        )
+    assert proxy.stop() == 0
+    assert_no_tracebacks(proxy)
 
 
 def test_start_sidecar_with_two_workers(pg: PostgresServer, tmp_path: Path) -> None:
