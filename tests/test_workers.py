@@ -703,6 +703,20 @@ def test_pause_resume_reconnect_act_on_every_worker(
             os.kill(proxy.proc.pid, signal.SIGCONT)
         resumed.result(10)
         assert notices == []
+
+        # A worker it cannot reach (restarting: no control socket yet) is named in a notice;
+        # the command stands on the console's worker.
+        (ctl,) = proxy.socket_dir.glob("sidecar-workers-*/worker-0")
+        ctl.rename(ctl.with_name("away"))
+        try:
+            console.execute("PAUSE")
+        finally:
+            ctl.with_name("away").rename(ctl)
+        assert len(notices) == 1
+        assert notices[0].startswith("PAUSE did not complete on worker 0: not reached (")
+        assert events(proxy, "admin_command_incomplete", worker="1", command="pause")
+        console.execute("RESUME")
+        assert len(notices) == 1
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         console.close()
