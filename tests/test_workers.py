@@ -651,6 +651,13 @@ def test_console_answers_for_its_worker_and_shutdown_stops_all(proxy_factory: Pr
     assert events(proxy, "shutdown", worker="0", reason="admin SHUTDOWN on worker 1")
 
 
+def _ctl_dir(pid: int) -> Path:
+    """The workers' control directory, from a child worker's command line."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    (found,) = [a.partition("=")[2] for a in args if a.startswith("--ctl-dir=")]
+    return Path(found)
+
+
 def _console_on(proxy: ProxyProcess, worker: int) -> psycopg.Connection[Any]:
     for _ in range(100):
         conn = psycopg.connect(proxy.dsn(dbname="sidecar"), autocommit=True)
@@ -706,7 +713,7 @@ def test_pause_resume_reconnect_act_on_every_worker(
 
         # A worker it cannot reach (restarting: no control socket yet) is named in a notice;
         # the command stands on the console's worker.
-        (ctl,) = proxy.socket_dir.glob("sidecar-workers-*/worker-0")
+        (ctl,) = {_ctl_dir(pid) / "worker-0" for pid in children_of(proxy.proc.pid)}
         ctl.rename(ctl.with_name("away"))
         try:
             console.execute("PAUSE")
