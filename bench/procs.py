@@ -471,10 +471,22 @@ class Sidecar(Pooler):
 
     name = "sidecar"
 
-    def __init__(self, base: Path, python: str, workers: int = 1) -> None:
+    def __init__(
+        self,
+        base: Path,
+        python: str,
+        workers: int = 1,
+        *,
+        root: Path = REPO_ROOT,
+        name: str = "sidecar",
+    ) -> None:
+        self.name = name  # before Pooler.__init__, which names the log file after it
         super().__init__(base)
         self.python = python
         self.workers = workers
+        #: Where `sidecar` is imported from: this checkout, or another commit's tree
+        #: (`bench/run.py --baseline`); `python -m` puts the working directory first.
+        self.root = root
 
     def start(self, pg: Postgres, pool_size: int, max_clients: int, sslmode: str) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -494,7 +506,7 @@ class Sidecar(Pooler):
         )
         # The sslmode comes from SIDECAR_SERVER_TLS_SSLMODE, not the URL.
         url = pg.url(sslmode).partition("?")[0]
-        self._spawn([self.python, "-m", "sidecar", f"{DBNAME}={url}"], env=env, cwd=REPO_ROOT)
+        self._spawn([self.python, "-m", "sidecar", f"{DBNAME}={url}"], env=env, cwd=self.root)
         self.wait_ready()
 
 

@@ -53,9 +53,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def cell_result(workload: str, clients: int, runs: dict[str, list[Run]]) -> dict[str, Any]:
-    summary = {t: summarise(runs.get(t, [])) for t in TARGETS}
+    names = [*TARGETS, *(t for t in runs if t not in TARGETS)]  # + "baseline" (--baseline)
+    summary = {t: summarise(runs.get(t, [])) for t in names}
     sc, pgb, direct = (summary[t]["median_tps"] for t in ("sidecar", "pgbouncer", "direct"))
-    return {
+    cell = {
         "workload": workload,
         "label": WORKLOADS[workload][0],
         "clients": clients,
@@ -64,6 +65,9 @@ def cell_result(workload: str, clients: int, runs: dict[str, list[Run]]) -> dict
         "sidecar_over_direct": _ratio(sc, direct),
         "runs": {t: [r.as_dict() for r in rs] for t, rs in runs.items()},
     }
+    if "baseline" in summary:
+        cell["sidecar_over_baseline"] = _ratio(sc, summary["baseline"]["median_tps"])
+    return cell
 
 
 def find_cell(cells: list[dict[str, Any]], workload: str, clients: int) -> dict[str, Any] | None:
@@ -190,6 +194,26 @@ def table(cells: list[dict[str, Any]]) -> str:
                 f" {foreign:.0f}% of the CPUs during a run"
             )
     return "\n".join(lines + notes)
+
+
+def baseline_text(cells: list[dict[str, Any]], ref: str) -> str:
+    """This sidecar against the baseline commit's, cell by cell (same rounds, interleaved)."""
+    lines = [
+        f"sidecar vs baseline ({ref}), median of rounds:",
+        f"{'workload':<12} {'clients':>7} {'sidecar':>10} {'baseline':>10} {'ratio':>7}"
+        f"   {'CPU s/10k tx':>12} {'baseline':>10} {'ratio':>7}",
+    ]
+    for c in cells:
+        t = c["targets"]
+        sc_cpu, base_cpu = t["sidecar"]["cpu_s_per_10k_tx"], t["baseline"]["cpu_s_per_10k_tx"]
+        lines.append(
+            f"{c['label']:<12} {c['clients']:>7} {_num(t['sidecar']['median_tps']):>10}"
+            f" {_num(t['baseline']['median_tps']):>10}"
+            f" {_num(c.get('sidecar_over_baseline'), '.2f'):>7}"
+            f"   {_num(sc_cpu, '.3f'):>12} {_num(base_cpu, '.3f'):>10}"
+            f" {_num(_ratio(sc_cpu, base_cpu), '.2f'):>7}"
+        )
+    return "\n".join(lines)
 
 
 def extras_text(extras: dict[str, Any]) -> str:

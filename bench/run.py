@@ -220,6 +220,8 @@ class Bench:
         self.pgbouncer = PgBouncer(base / "pgbouncer", os_user)
         self.sidecar = Sidecar(base / "sidecar", python_for_sidecar(), args.workers)
         self.floor = Floor(base / "floor", python_for_sidecar())
+        #: The sidecar at another commit (--baseline), run beside this one; made by start().
+        self.baseline: Sidecar | None = None
         self.pgbench = self.pg.bin_dir / "pgbench"
         self.log_dir = base / "pgbench-logs"
         self.log_dir.mkdir()
@@ -230,11 +232,14 @@ class Bench:
         Clients reach the poolers in clear (neither offers client TLS here); direct clients
         use the sslmode the poolers use towards the server, so each path has one TLS leg.
         """
-        return [
+        targets = [
             Target("direct", self.pg.port, None, self.sslmode),
             Target("pgbouncer", self.pgbouncer.port, self.pgbouncer, "disable"),
             Target("sidecar", self.sidecar.port, self.sidecar, "disable"),
         ]
+        if self.baseline is not None:
+            targets.append(Target("baseline", self.baseline.port, self.baseline, "disable"))
+        return targets
 
     def unsupported(self, workload: str, target: Target) -> str | None:
         """Why `target` cannot run `workload` at all, if it cannot."""
@@ -266,12 +271,24 @@ class Bench:
                 DBNAME,
             )
         max_conn = max(20000, a.idle_clients + 1000)
+        if a.baseline:
+            tree = export_tree(a.baseline, self.base / "baseline-src")
+            self.baseline = Sidecar(
+                self.base / "baseline", python_for_sidecar(), a.workers, root=tree, name="baseline"
+            )
         self.pgbouncer.start(self.pg, a.pool_size, max_conn, self.sslmode)
         self.sidecar.start(self.pg, a.pool_size, max_conn, self.sslmode)
+        if self.baseline is not None:
+            self.baseline.start(self.pg, a.pool_size, max_conn, self.sslmode)
         log(
             f"pgbouncer {'.'.join(map(str, self.pgbouncer.version))} on :{self.pgbouncer.port},"
             f" sidecar on :{self.sidecar.port}, PostgreSQL on :{self.pg.port};"
             f" pooler->server sslmode={self.sslmode}"
+            + (
+                f"; baseline sidecar ({a.baseline}) on :{self.baseline.port}"
+                if self.baseline is not None
+                else ""
+            )
         )
 
     def foreign_load(self) -> ForeignLoad:
@@ -282,8 +299,9 @@ class Bench:
         return ForeignLoad({os.getpid(), self.pg.pid})
 
     def stop(self) -> None:
-        for pooler in (self.sidecar, self.pgbouncer, self.floor):
-            pooler.stop()
+        for pooler in (self.sidecar, self.pgbouncer, self.floor, self.baseline):
+            if pooler is not None:
+                pooler.stop()
         self.pg.stop()
 
     def one_run(self, workload: str, clients: int, target: Target, secs: int) -> Run:
@@ -318,7 +336,7 @@ class Bench:
     def matrix(self) -> list[dict[str, Any]]:
         a = self.args
         cells: list[dict[str, Any]] = []
-        total = len(a.workloads) * len(a.clients) * a.rounds * 3
+        total = len(a.workloads) * len(a.clients) * a.rounds * len(self.targets())
         done = 0
         started = time.monotonic()
         for workload in a.workloads:
@@ -476,6 +494,28 @@ def _other_load(pct: float | None) -> str:
     return f"  [other load {pct:.0f}%]" if pct is not None and pct > 5 else ""
 
 
+def export_tree(ref: str, dest: Path) -> Path:
+    """The files of commit `ref` of this repository, in `dest` (git archive: no checkout)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise BenchError(f"--baseline {ref}: not a commit of {REPO_ROOT} ({exc})") from None
+    dest.mkdir(parents=True)
+    archive = subprocess.Popen(
+        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", commit], stdout=subprocess.PIPE
+    )
+    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise BenchError(f"--baseline {ref}: git archive failed")
+    (dest / ".baseline-commit").write_text(commit + "\n")
+    return dest
+
+
 def git_describe() -> dict[str, Any]:
     def git(*args: str) -> str:
         proc = subprocess.run(
@@ -523,6 +563,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=20, help="server connections per pooler")
     p.add_argument(
         "--workers", type=int, default=1, help="SIDECAR_WORKERS for the sidecar (default 1)"
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the sidecar of this git commit (e.g. HEAD~1, main) beside this one,\n"
+        "interleaved: before/after figures from one run",
     )
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
     p.add_argument("--idle-clients", type=int, default=10_000, help="for the idle RSS figure")
@@ -583,6 +629,14 @@ def main(argv: list[str] | None = None) -> int:
             "workloads": args.workloads,
             "pool_size": args.pool_size,
             "sidecar_workers": args.workers,
+            "baseline": (
+                {
+                    "ref": args.baseline,
+                    "commit": (base / "baseline-src/.baseline-commit").read_text().strip(),
+                }
+                if args.baseline
+                else None
+            ),
             "scale": args.scale,
             "server_sslmode": bench.sslmode,
             "pgbench_threads": "min(clients, 4)",
@@ -608,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         if simple50:
             extras["cpu"] = {
                 name: simple50["targets"][name]["cpu_s_per_10k_tx"]
-                for name in ("pgbouncer", "sidecar")
+                for name in ("pgbouncer", "sidecar", "baseline")
+                if name in simple50["targets"]
             }
         checks = report.check_targets(cells, extras)
         meta["duration_s"] = round(time.monotonic() - started, 1)
@@ -628,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if cells:
             log(report.table(cells) + "\n")
+            if args.baseline:
+                log(report.baseline_text(cells, args.baseline) + "\n")
         if extras:
             log(report.extras_text(extras) + "\n")
         log("Targets:")
