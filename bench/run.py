@@ -258,6 +258,11 @@ class Bench:
     def start(self) -> None:
         a = self.args
         max_clients = max(a.clients, default=1)
+        if a.baseline:
+            tree = export_tree(a.baseline, a.baseline_commit, self.base / "baseline-src")
+            self.baseline = Sidecar(
+                self.base / "baseline", python_for_sidecar(), a.workers, root=tree, name="baseline"
+            )
         log(f"starting PostgreSQL in {self.pg.base}")
         self.pg.start(max_connections=max(600, max_clients + 2 * a.pool_size + 50))
         log(f"pgbench -i -s {a.scale}")
@@ -271,11 +276,6 @@ class Bench:
                 DBNAME,
             )
         max_conn = max(20000, a.idle_clients + 1000)
-        if a.baseline:
-            tree = export_tree(a.baseline, self.base / "baseline-src")
-            self.baseline = Sidecar(
-                self.base / "baseline", python_for_sidecar(), a.workers, root=tree, name="baseline"
-            )
         self.pgbouncer.start(self.pg, a.pool_size, max_conn, self.sslmode)
         self.sidecar.start(self.pg, a.pool_size, max_conn, self.sslmode)
         if self.baseline is not None:
@@ -494,25 +494,29 @@ def _other_load(pct: float | None) -> str:
     return f"  [other load {pct:.0f}%]" if pct is not None and pct > 5 else ""
 
 
-def export_tree(ref: str, dest: Path) -> Path:
-    """The files of commit `ref` of this repository, in `dest` (git archive: no checkout)."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise BenchError(f"--baseline {ref}: not a commit of {REPO_ROOT} ({exc})") from None
+def resolve_commit(ref: str) -> str:
+    """The full hash of git commit `ref` of this repository."""
+    proc = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"--baseline {ref}: not a commit of the repository in {REPO_ROOT}")
+    return proc.stdout.strip()
+
+
+def export_tree(ref: str, commit: str, dest: Path) -> Path:
+    """The files of `commit` of this repository, in `dest` (git archive: no checkout)."""
     dest.mkdir(parents=True)
     archive = subprocess.Popen(
         ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", commit], stdout=subprocess.PIPE
     )
-    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
-    if archive.wait() != 0:
-        raise BenchError(f"--baseline {ref}: git archive failed")
-    (dest / ".baseline-commit").write_text(commit + "\n")
+    assert archive.stdout is not None
+    untar = subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout)
+    archive.stdout.close()  # ours: git sees a broken pipe if tar stopped early
+    if archive.wait() != 0 or untar.returncode != 0:
+        raise BenchError(f"--baseline {ref}: could not export commit {commit} into {dest}")
     return dest
 
 
@@ -598,6 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     need = args.idle_clients + 200
     if "idle" in args.extras and fd_limit < need:
         log(f"WARNING: fd limit {fd_limit} < {need}; idle-client logins beyond it will fail")
+    if args.baseline:
+        try:
+            args.baseline_commit = resolve_commit(args.baseline)
+        except BenchError as exc:
+            log(f"benchmark failed: {exc}")
+            return 1
     base = Path(tempfile.mkdtemp(prefix="scbench", dir="/tmp"))
     base.chmod(0o711)  # the postgres user must reach its own subdirectories
     bench = Bench(args, base)
@@ -632,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             "baseline": (
                 {
                     "ref": args.baseline,
-                    "commit": (base / "baseline-src/.baseline-commit").read_text().strip(),
+                    "commit": args.baseline_commit,
                 }
                 if args.baseline
                 else None
@@ -696,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BenchError as exc:
         log(f"benchmark failed: {exc}")
-        for pooler in (bench.sidecar, bench.pgbouncer):
-            if pooler.proc is not None:
+        for pooler in (bench.sidecar, bench.pgbouncer, bench.baseline):
+            if pooler is not None and pooler.proc is not None:
                 log(f"--- {pooler.name} log tail ---\n{pooler.log_tail()}")
         return 1
     finally:
