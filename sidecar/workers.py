@@ -98,6 +98,11 @@ ADMIN_VERBS = ("pause", "resume", "reconnect")
 _MAX_CONTROL_MESSAGE = 1024
 
 
+def _frame(code: int, body: bytes) -> bytes:
+    """A control message: int32 length (itself included), int32 code, body."""
+    return struct.pack("!ii", 8 + len(body), code) + body
+
+
 # -- shares ------------------------------------------------------------------------------------
 
 
@@ -319,7 +324,7 @@ class Worker:
     def stop_all(self, why: str) -> None:
         """Stop every worker (console SHUTDOWN): ask worker 0, which stops the rest."""
         body = why.encode()[:200]
-        self._spawn(self._send(0, struct.pack("!ii", 8 + len(body), STOP_CODE) + body, "stop"))
+        self._spawn(self._send(0, _frame(STOP_CODE, body), "stop"))
 
     async def close(self, deadline: float) -> None:
         """The proxy drained; stop answering control messages."""
@@ -337,7 +342,7 @@ class Worker:
         body = f"{pool}\n{' '.join(addrs)}".encode()
         if len(body) + 8 > _MAX_CONTROL_MESSAGE:
             return
-        data = struct.pack("!ii", 8 + len(body), SEEN_CODE) + body
+        data = _frame(SEEN_CODE, body)
         for target in range(self.count):
             if target != self.index:
                 self._spawn(self._send(target, data, "seen"))
@@ -366,7 +371,7 @@ class Worker:
         body = f"{verb}\n{pool}".encode()
         if len(body) + 8 > _MAX_CONTROL_MESSAGE:
             return [f"pool name too long to pass on to the other workers ({len(body)} bytes)"]
-        data = struct.pack("!ii", 8 + len(body), ADMIN_CODE) + body
+        data = _frame(ADMIN_CODE, body)
         others = [t for t in range(self.count) if t != self.index]
         answers = await asyncio.gather(*(self._ask(t, data) for t in others))
         return [
@@ -429,7 +434,7 @@ class Worker:
             answer = f"failed: {exc.__class__.__name__}: {exc}"
         if not transport.is_closing():
             reply = answer.encode()[: _MAX_CONTROL_MESSAGE - 8]
-            transport.write(struct.pack("!ii", 8 + len(reply), ADMIN_CODE) + reply)
+            transport.write(_frame(ADMIN_CODE, reply))
             transport.close()
 
     def received(self, code: int, body: bytes) -> None:
