@@ -60,6 +60,17 @@ class _Side(asyncio.Protocol):
             self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
+        link = self.link
+        if link.opening is not None and self is link.down:
+            # refuse_tls: the client's first 8 bytes may be an SSLRequest, answered here.
+            data, link.opening = link.opening + data, None
+            if len(data) < 8:
+                link.opening = data
+                return
+            if data.startswith(m.ssl_request()) and self.transport is not None:
+                link.relay.tls_refused += 1
+                self.transport.write(b"N")
+                data = data[8:]
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             peer.transport.write(data)
@@ -96,6 +107,8 @@ class _Link:
         self.up = _Side(self)  # towards the target
         self.down.peer, self.up.peer = self.up, self.down
         self.stalled = False
+        #: refuse_tls: what arrived of the client's first 8 bytes (None: past them).
+        self.opening: bytes | None = b"" if relay.refuse_tls else None
 
     def sides(self) -> Iterator[asyncio.Transport]:
         for side in (self.down, self.up):
@@ -132,9 +145,13 @@ class Relay:
     - `stall_new(True)`: links accepted from now on forward nothing (a stalled server).
     - `resume()`: every link forwards again; new links too.
     - `kill()`: reset every open link (RST both ways).
+    - `refuse_tls=True`: an SSLRequest is answered "N" by the relay, as a server without TLS
+      does, and the connection goes on in clear (`tls_refused` counts them).
     """
 
-    def __init__(self, target: tuple[str, int], listen_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target: tuple[str, int], listen_host: str = "127.0.0.1", *, refuse_tls: bool = False
+    ) -> None:
         if not listen_host.startswith("127."):
             raise ValueError("the relay is for loopback addresses only")
         self.target = target
@@ -143,6 +160,8 @@ class Relay:
         self.links: set[_Link] = set()
         self.accepted = 0
         self.bytes_forwarded = 0
+        self.refuse_tls = refuse_tls
+        self.tls_refused = 0
         self._stall_new = False
         self._server: asyncio.Server | None = None
         self._loop = asyncio.new_event_loop()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import socket
 import threading
 import time
 
@@ -20,8 +18,7 @@ from pgfixtures import (
     ProxyFactory,
     ProxyProcess,
 )
-
-from sidecar.protocol import messages as m
+from tcpproxy import Relay
 
 
 def server_uses_tls(
@@ -174,61 +171,17 @@ async def test_tls_results_stay_whole_and_apart_under_concurrency(proxy: ProxyPr
     assert not thread.is_alive() and not failures, failures
 
 
-class _RefusesTls:
-    """In front of PostgreSQL: answers SSLRequest with "N", as a server without TLS does, then
-    relays bytes both ways in clear."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.refused = 0
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.listener.accept()
-                self.sockets.append(conn)
-                first = b""
-                while len(first) < 8 and (chunk := conn.recv(8 - len(first))):
-                    first += chunk
-                if first == m.ssl_request():
-                    self.refused += 1
-                    conn.sendall(b"N")
-                    first = b""
-                up = socket.create_connection(self.target)
-                self.sockets.append(up)
-                up.sendall(first)
-                for a, b in ((conn, up), (up, conn)):
-                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := src.recv(65536):
-                dst.sendall(chunk)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            sock.close()
-
-
 async def test_prefer_goes_on_in_clear_when_the_server_refuses_tls(
     pg: PostgresServer, proxy_factory: ProxyFactory
 ) -> None:
     # sslmode=prefer makes a TLS-capable server connection (TLSServerConn, reading through
     # the buffer protocol); a server that says "N" is then spoken to in clear on it.
-    relay = _RefusesTls((pg.host, pg.port))
-    try:
-        url = pg.url(port=relay.port)
-        proxy = proxy_factory(f"appdb={url}", SIDECAR_SERVER_TLS_SSLMODE="prefer")
+    with Relay((pg.host, pg.port), refuse_tls=True) as relay:
+        proxy = proxy_factory(
+            f"appdb={pg.url(port=relay.port)}", SIDECAR_SERVER_TLS_SSLMODE="prefer"
+        )
         assert not server_uses_tls(pg, proxy)
-        assert relay.refused >= 1
+        assert relay.tls_refused >= 1
 
         async def one(n: int) -> None:
             conn = await asyncpg.connect(**proxy.asyncpg_params(), command_timeout=20)
@@ -248,5 +201,3 @@ async def test_prefer_goes_on_in_clear_when_the_server_refuses_tls(
 
         await asyncio.gather(*(one(n) for n in range(6)))
         assert proxy.stop() == 0  # while its servers' relay is still there
-    finally:
-        relay.close()
