@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from . import log
 from .config import ConfigError, load_settings, pools_from_args, pools_from_env
-from .workers import make_proxy, worker_count
-
-
-def run_loop(main: object) -> None:
-    """uvloop when installed (the fast path), plain asyncio otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)  # type: ignore[arg-type]
-    else:
-        uvloop.run(main)  # type: ignore[arg-type]
+from .shell.assemble import run_loop
+from .shell.workers import make_proxy, worker_count
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,10 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from sidecar import __version__
-from sidecar.admin import AdminError, AdminSession, split_statements, tokenize
-from sidecar.client import ClientState
 from sidecar.config import Settings
+from sidecar.control.commands import AdminError, split_statements, tokenize
+from sidecar.control.console import AdminSession
+from sidecar.dataplane.client import ClientState
 from sidecar.protocol import messages as m
 from sidecar.protocol import rows as r
 

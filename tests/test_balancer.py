@@ -1,4 +1,4 @@
-"""sidecar.balancer: choice, caps, quarantine, rebalancing plans, forget rules; fake clock."""
+"""upstream.balancer: choice, caps, quarantine, rebalancing plans, forget rules; fake clock."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from sidecar.balancer import (
+from sidecar.upstream.balancer import (
     BACKOFF_INITIAL,
     BACKOFF_JITTER,
     BACKOFF_MAX,

@@ -115,7 +115,7 @@ def test_compile_then_run_the_slug(
     assert topics[0] == "-----> pg-sidecar: PostgreSQL connection pooling inside the dyno"
     assert topics[-1] == "-----> pg-sidecar installed"
     assert all(line.startswith(("-----> ", "       ")) for line in res.stdout.splitlines())
-    assert (build / ".sidecar" / "lib" / "sidecar" / "launcher.py").is_file()
+    assert (build / ".sidecar" / "lib" / "sidecar" / "shell" / "launcher.py").is_file()
     assert os.readlink(build / ".sidecar" / "python") == "../.heroku/python/bin/python3"
     assert (build / ".profile.d" / "pg-sidecar.sh").is_file()
 

@@ -1,4 +1,4 @@
-"""sidecar.instances.Discovery against a real UDP DNS server (tests/dnsserver.py) on loopback."""
+"""upstream.instances.Discovery against a real UDP DNS server (tests/dnsserver.py) on loopback."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import structlog
 from dnsserver import DNSServer
 
-from sidecar.balancer import InstanceSet, InstanceState
 from sidecar.config import ConfigError, Settings, load_settings, parse_nameservers
-from sidecar.instances import Discovery, hosts_file_names
+from sidecar.upstream.balancer import InstanceSet, InstanceState
+from sidecar.upstream.instances import Discovery, hosts_file_names
 
 NAME = "followers.test"
 F1, F2, F3, F4 = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"

@@ -35,8 +35,11 @@ from pgfixtures import (
 )
 
 from sidecar.config import PoolConfig, Settings, parse_url
-from sidecar.launcher import Launcher, local_url
-from sidecar.proxy import Proxy
+from sidecar.control import stats
+from sidecar.control.console import AdminSession
+from sidecar.dataplane.proxy import Proxy
+from sidecar.shell.assemble import new_proxy
+from sidecar.shell.launcher import Launcher, local_url
 
 START = REPO_ROOT / "bin" / "start-sidecar"
 
@@ -433,7 +436,9 @@ async def test_proxy_death_terminates_the_app_and_exits_non_zero(
             await super().wait_stopped()
             raise RuntimeError("listener task crashed")
 
-    proxy = (FailingProxy if how == "raises" else Proxy)(settings, pools)
+    proxy = (FailingProxy if how == "raises" else Proxy)(
+        settings, pools, console=AdminSession, side_tasks=(stats.reporter,)
+    )
     launcher = Launcher(
         settings, pools, dict(os.environ), [sys.executable, "-c", app], on_heroku=False,
         proxy=proxy,
@@ -666,7 +671,7 @@ def test_proxy_applies_yaml_overrides_per_pool(tmp_path: Path) -> None:
         {"database": "DATABASE_URL", "replica": "REPLICA_URL"},
     )
 
-    proxy = Proxy(Settings(), pools)
+    proxy = new_proxy(Settings(), pools)
     assert proxy.pools["replica"].settings.default_pool_size == 40
     assert proxy.pools["replica"].settings.max_per_instance == 12
     assert proxy.pools["database"].settings.default_pool_size == Settings().default_pool_size

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from pgfixtures import PostgresServer, ProxyFactory, killable, poll_until
 
-from sidecar.pool import Pool
+from sidecar.dataplane.pool import Pool
 
 POOL_SIZE = 5
 CLIENTS = 200

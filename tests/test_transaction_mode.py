@@ -26,7 +26,7 @@ from psycopg.pq.abc import PGresult
 from psycopg.rows import dict_row
 from test_proxy_pgbench import run_pgbench
 
-from sidecar.pool import PIN_CHECKS
+from sidecar.dataplane.pool import PIN_CHECKS
 
 POOL = 5
 CLIENTS = 100

@@ -36,7 +36,7 @@ from test_faults import assert_no_tracebacks
 from test_followers import Backends, events, hold_capped_load, start_proxy
 
 from sidecar.config import MAX_WORKERS, ConfigError, PoolConfig, Settings, load_settings, parse_url
-from sidecar.workers import (
+from sidecar.shell.workers import (
     Worker,
     _exited,
     config_blob,

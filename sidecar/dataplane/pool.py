@@ -15,8 +15,22 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from . import log
-from .balancer import Instance, InstanceSet, InstanceState
+from .. import log
+from ..config import PoolConfig, Settings
+from ..protocol import messages as m
+from ..protocol.auth import ScramSecret
+from ..protocol.errors import (
+    CONNECTION_FAILURE,
+    IDLE_IN_TRANSACTION_TIMEOUT,
+    IDLE_SESSION_TIMEOUT,
+    QUERY_CANCELED,
+    SQLCLIENT_UNABLE_TO_ESTABLISH,
+    TOO_MANY_CONNECTIONS,
+)
+from ..protocol.frontend import PIN_FLAGS, Q_DISCARD, Q_SET, single_request
+from ..protocol.statements import Registry
+from ..upstream.balancer import Instance, InstanceSet, InstanceState
+from ..upstream.instances import Discovery
 from .client import (
     C_CLOSED,
     C_IDLE,
@@ -29,20 +43,7 @@ from .client import (
     ClientState,
     setting_name,
 )
-from .config import PoolConfig, Settings
-from .instances import Discovery
-from .protocol import messages as m
-from .protocol.auth import ScramSecret
-from .protocol.errors import (
-    CONNECTION_FAILURE,
-    IDLE_IN_TRANSACTION_TIMEOUT,
-    IDLE_SESSION_TIMEOUT,
-    QUERY_CANCELED,
-    SQLCLIENT_UNABLE_TO_ESTABLISH,
-    TOO_MANY_CONNECTIONS,
-)
-from .protocol.frontend import PIN_FLAGS, Q_DISCARD, Q_SET, single_request
-from .protocol.statements import Registry
+from .counters import Period, PoolStats, Totals
 from .server import (
     S_ACTIVE,
     S_CLOSED,
@@ -54,7 +55,6 @@ from .server import (
     make_ssl_context,
     open_server,
 )
-from .stats import Period, PoolStats, Totals
 
 if TYPE_CHECKING:
     from .proxy import Proxy

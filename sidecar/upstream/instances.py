@@ -22,9 +22,9 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from . import log
+from .. import log
+from ..config import Settings, parse_nameservers
 from .balancer import Instance, InstanceSet, InstanceState, canonical_addr
-from .config import Settings, parse_nameservers
 
 logger = log.get()
 

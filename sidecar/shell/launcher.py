@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from . import log
-from .__main__ import run_loop
-from .config import ConfigError, PoolConfig, Settings, _convert, load_settings, pools_from_env
-from .proxy import LISTEN_ADDR, Proxy
+from .. import log
+from ..config import ConfigError, PoolConfig, Settings, _convert, load_settings, pools_from_env
+from ..dataplane.proxy import LISTEN_ADDR, Proxy
+from ..yamlconfig import apply_file
+from .assemble import new_proxy, run_loop
 from .workers import make_proxy, worker_count
-from .yamlconfig import apply_file
 
 T = TypeVar("T")
 
@@ -172,7 +172,7 @@ class Launcher:
         self.env = dict(env)
         self.argv = list(argv)
         self.on_heroku = on_heroku
-        self.proxy = proxy if proxy is not None else Proxy(settings, list(pools))
+        self.proxy = proxy if proxy is not None else new_proxy(settings, pools)
         self.app: asyncio.subprocess.Process | None = None
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
         self._tasks: list[asyncio.Task[Any]] = []

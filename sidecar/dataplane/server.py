@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from . import log
-from .protocol import messages as m
-from .protocol.auth import AuthError, ScramClient, md5_password_response
-from .protocol.backend import Backend
-from .protocol.errors import (
+from .. import log
+from ..protocol import messages as m
+from ..protocol.auth import AuthError, ScramClient, md5_password_response
+from ..protocol.backend import Backend
+from ..protocol.errors import (
     CANNOT_CONNECT_NOW,
     CONNECTION_FAILURE,
     PROTOCOL_VIOLATION,
@@ -28,10 +28,10 @@ from .protocol.errors import (
     TOO_MANY_CONNECTIONS,
     ProtocolError,
 )
-from .protocol.statements import ServerStatements
+from ..protocol.statements import ServerStatements
 
 if TYPE_CHECKING:
-    from .balancer import Instance
+    from ..upstream.balancer import Instance
     from .client import ClientConn
     from .pool import Pool
 

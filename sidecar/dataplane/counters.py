@@ -1,22 +1,12 @@
-"""Per-pool counters, popped each period into Heroku-style logfmt lines (`sample#`, `count#`).
+"""The per-pool counters the hot path adds to, and their read-and-reset into a `Period`.
 
 The hot path only adds to plain attributes of a `PoolStats`; all arithmetic (rates, averages)
-happens here, once per period.
+happens in `pop`, once per stats period (control.stats reads it).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
-
-from . import log
-
-if TYPE_CHECKING:
-    from .proxy import Proxy
-
-logger = log.get()
 
 
 class PoolStats:
@@ -114,48 +104,3 @@ def pop(stats: PoolStats, totals: Totals, seconds: float) -> Period:
         setattr(totals, f.name, getattr(totals, f.name) + getattr(s, f.name))
     s.clear()
     return period
-
-
-def _num(value: float) -> str:
-    return str(round(value, 2)) if isinstance(value, float) else str(value)
-
-
-def pool_line_fields(pool_name: str, gauges: dict[str, int], period: Period) -> dict[str, Any]:
-    """The key=value pairs of one `at=stats` line, in order."""
-    out: dict[str, Any] = {"pool": pool_name}
-    for key, value in gauges.items():
-        out[f"sample#{key}"] = value
-    out["sample#xacts_per_s"] = _num(period.xacts_per_s)
-    out["sample#queries_per_s"] = _num(period.queries_per_s)
-    out["sample#avg_xact_ms"] = _num(period.avg_xact_ms)
-    out["sample#avg_query_ms"] = _num(period.avg_query_ms)
-    out["sample#avg_wait_ms"] = _num(period.avg_wait_ms)
-    out["sample#max_wait_ms"] = _num(period.max_wait_ms)
-    out["sample#in_bytes_per_s"] = _num(period.in_bytes_per_s)
-    out["sample#out_bytes_per_s"] = _num(period.out_bytes_per_s)
-    out["count#xacts"] = period.xacts
-    out["count#queries"] = period.queries
-    out["count#errors"] = period.errors
-    return out
-
-
-async def reporter(proxy: Proxy) -> None:
-    """Every stats_period seconds: one line per pool (and per instance, where pools have them)."""
-    period = proxy.settings.stats_period
-    if period <= 0:
-        return
-    last = time.monotonic()
-    while True:
-        await asyncio.sleep(period)
-        now = time.monotonic()
-        emit(proxy, now - last)
-        last = now
-
-
-def emit(proxy: Proxy, seconds: float) -> None:
-    for pool in proxy.pools.values():
-        figures = pop(pool.stats, pool.totals, seconds)
-        pool.last_period = figures
-        logger.info("stats", **pool_line_fields(pool.name, pool.gauges(), figures))
-        for inst in pool.instance_lines():
-            logger.info("instance", pool=pool.name, **inst)

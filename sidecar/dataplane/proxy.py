@@ -8,18 +8,19 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import log, stats
-from .client import ClientConn
-from .config import PoolConfig, Settings
+from .. import log
+from ..config import PoolConfig, Settings
+from ..protocol.errors import ADMIN_SHUTDOWN
+from .client import ClientConn, ConsoleSession
 from .pool import Pool
-from .protocol.errors import ADMIN_SHUTDOWN
 from .server import send_cancel
 
 if TYPE_CHECKING:
-    from .workers import Worker
+    # Types only: the process shell builds the Proxy and hands its Worker in.
+    from ..shell.workers import Worker
 
 logger = log.get()
 
@@ -28,13 +29,32 @@ JANITOR_PERIOD = 0.5
 LISTEN_ADDR = "127.0.0.1"
 
 
+ConsoleFactory = Callable[["Proxy", ClientConn], ConsoleSession]
+SideTask = Callable[["Proxy"], Coroutine[Any, Any, None]]
+
+
+def _no_console(proxy: Proxy, client: ClientConn) -> ConsoleSession:
+    raise RuntimeError("this proxy was built without an admin console (use shell.assemble)")
+
+
 class Proxy:
     """Owns every pool and client; one per process."""
 
     def __init__(
-        self, settings: Settings, pools: list[PoolConfig], *, worker: Worker | None = None
+        self,
+        settings: Settings,
+        pools: list[PoolConfig],
+        *,
+        worker: Worker | None = None,
+        console: ConsoleFactory | None = None,
+        side_tasks: Sequence[SideTask] = (),
     ) -> None:
         self.settings = settings
+        #: Makes the session of a client that logs in to the admin console. The control
+        #: surface is handed in (shell.assemble) so the data plane never imports it.
+        self.console: ConsoleFactory = console or _no_console
+        #: Tasks that run beside the listeners for the proxy's life (the stats reporter).
+        self.side_tasks = tuple(side_tasks)
         #: This process's place among SIDECAR_WORKERS > 1 processes (settings are its share).
         self.worker = worker
         self.pools: dict[str, Pool] = {p.name: Pool(self, p, p.settings(settings)) for p in pools}
@@ -80,7 +100,8 @@ class Proxy:
             # Listening first: a client arriving before DNS answers just waits for it.
             self._spawn(pool.start())
         self._spawn(self._janitor())
-        self._spawn(stats.reporter(self))
+        for task in self.side_tasks:
+            self._spawn(task(self))
         logger.info(
             "listening",
             addr=f"{LISTEN_ADDR}:{s.port}",

@@ -11,12 +11,12 @@ import enum
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
-from . import log
-from .protocol import messages as m
-from .protocol.auth import AuthError, ScramServer, verify_md5_response
-from .protocol.errors import (
+from .. import log
+from ..protocol import messages as m
+from ..protocol.auth import AuthError, ScramServer, verify_md5_response
+from ..protocol.errors import (
     ADMIN_SHUTDOWN,
     INVALID_CATALOG_NAME,
     INVALID_PASSWORD,
@@ -24,16 +24,27 @@ from .protocol.errors import (
     TOO_MANY_CONNECTIONS,
     ProtocolError,
 )
-from .protocol.frontend import Frontend, local_prepare
+from ..protocol.frontend import Frontend, local_prepare
 from .server import set_nodelay
 
 if TYPE_CHECKING:
-    from .admin import AdminSession
     from .pool import Pool
     from .proxy import Proxy
     from .server import ServerConn
 
 logger = log.get()
+
+
+class ConsoleSession(Protocol):
+    """What a console connection needs of the admin console (control.console.AdminSession).
+
+    The proxy hands the console in (Proxy.console), so the data plane never imports it.
+    """
+
+    def welcome(self) -> bytes: ...
+
+    def feed(self, data: bytes) -> None: ...
+
 
 # Startup parameters that are session settings; anything else unknown is passed as a SET too.
 _CANONICAL_NAMES = {
@@ -193,7 +204,7 @@ class ClientConn(asyncio.Protocol):
         self.connected_at = self.last_active
         self._paused = False
         self.counted = False
-        self.admin: AdminSession | None = None
+        self.admin: ConsoleSession | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -464,9 +475,7 @@ class ClientConn(asyncio.Protocol):
         self._scram = None
         self.pid, self.secret = self.proxy.register_key(self)
         if self.database in ADMIN_DATABASES:
-            from .admin import AdminSession
-
-            self.admin = AdminSession(self.proxy, self)
+            self.admin = self.proxy.console(self.proxy, self)
             self.state = C_ADMIN
             self.write(self.admin.welcome())
             if self.proxy.settings.log_connections:

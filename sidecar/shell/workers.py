@@ -56,12 +56,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from . import log
-from .config import MAX_WORKERS, ConfigError, PoolConfig, Settings, Upstream, parse_workers
-from .protocol import messages as m
+from .. import log
+from ..config import MAX_WORKERS, ConfigError, PoolConfig, Settings, Upstream, parse_workers
+from ..protocol import messages as m
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
+    from ..dataplane.proxy import Proxy
 
 logger = log.get()
 
@@ -278,7 +278,7 @@ class Worker:
     async def tcp_server(
         self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], port: int
     ) -> asyncio.Server:
-        from .proxy import LISTEN_ADDR
+        from ..dataplane.proxy import LISTEN_ADDR
 
         return await loop.create_server(
             factory, LISTEN_ADDR, port, reuse_address=True, reuse_port=True, backlog=4096
@@ -622,7 +622,7 @@ class Supervisor(Worker):
         # SO_REUSEPORT would let us join another process's listener on this port (another
         # sidecar of this user) and silently split its connections: a plain bind first fails
         # with EADDRINUSE as today if anyone listens there.
-        from .proxy import LISTEN_ADDR
+        from ..dataplane.proxy import LISTEN_ADDR
 
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -749,12 +749,12 @@ class Supervisor(Worker):
 
 def make_proxy(settings: Settings, pools: Sequence[PoolConfig], count: int) -> Proxy:
     """Worker 0's proxy: exactly today's single proxy for one worker, else its share."""
-    from .proxy import Proxy
+    from .assemble import new_proxy
 
     if count <= 1:
-        return Proxy(settings, list(pools))
+        return new_proxy(settings, pools)
     log.set_worker(0)
-    return Proxy(
+    return new_proxy(
         share_settings(settings, 0, count),
         [share_pool(p, 0, count) for p in pools],
         worker=Supervisor(count, settings, pools),
@@ -779,8 +779,7 @@ def _die_with(parent: int) -> bool:
 
 def child_main(argv: list[str]) -> int:
     """Worker 1..N-1: started by worker 0 (Supervisor), configuration on stdin."""
-    from .__main__ import run_loop
-    from .proxy import Proxy
+    from .assemble import new_proxy, run_loop
 
     args = dict(a.removeprefix("--").split("=", 1) for a in argv)
     index, count, parent = int(args["index"]), int(args["count"]), int(args["parent"])
@@ -792,7 +791,7 @@ def child_main(argv: list[str]) -> int:
     settings, pools = read_config(sys.stdin.buffer.read())
     unix_fd = int(args["unix-fd"])
     worker = Worker(index, count, args["ctl-dir"], None if unix_fd < 0 else unix_fd)
-    proxy = Proxy(
+    proxy = new_proxy(
         share_settings(settings, index, count),
         [share_pool(p, index, count) for p in pools],
         worker=worker,
