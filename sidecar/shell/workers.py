@@ -507,12 +507,14 @@ class _Control(asyncio.Protocol):
 
 def _package_root() -> str:
     """The directory holding the `sidecar` package, for a child's sys.path."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import sidecar
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(sidecar.__file__)))
 
 
 _CHILD = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from sidecar.workers import child_main; sys.exit(child_main(sys.argv[1:]))"
+    "from sidecar.shell.workers import child_main; sys.exit(child_main(sys.argv[1:]))"
 )
 
 

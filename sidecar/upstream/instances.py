@@ -2,7 +2,7 @@
 
 A Heroku Postgres follower pool endpoint answers each DNS query with ONE instance address,
 rotating, TTL 5 s. `Discovery` asks again every TTL and feeds every answer to an
-`InstanceSet` (sidecar.balancer), which accumulates the union and applies the forget rules;
+`InstanceSet` (upstream.balancer), which accumulates the union and applies the forget rules;
 `probe` checks the instances the set says are due. The decisions live in the balancer; this
 module only does the I/O and the logging.
 """
