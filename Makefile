@@ -1,8 +1,10 @@
 # One command each; every target installs what it needs first (scripts/bootstrap: PostgreSQL 15
-# and friends from Debian when missing, .venv with the project and its test/dev extras).
+# and friends from Debian when missing, with apt-get as root (sudo if needed) and the network;
+# .venv with the project and its test/dev extras from PyPI).
 #
 #   make demo    leader + 2 streaming followers + round-robin DNS, bin/start-sidecar around a
-#                small workload, stats lines spreading connections; stops everything (< 90 s)
+#                small workload, stats lines spreading connections; stops everything (< 90 s);
+#                ARGS=--hold keeps it running and prints an admin console command (Ctrl-C stops)
 #   make test    the test suite (the same pytest command as .ci/run)
 #   make lint    ruff check, ruff format --check, mypy
 #   make bench   bench/run.py
@@ -16,7 +18,7 @@ ARGS ?=
 .PHONY: help demo test lint bench bootstrap
 
 help:
-	@sed -n '4,8p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# //'
+	@sed -n '5,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# //'
 
 bootstrap:
 	scripts/bootstrap

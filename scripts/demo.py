@@ -13,8 +13,13 @@ leader) and FOLLOWER_URL (the DNS name) pooled, streams the sidecar's `at=stats`
 `at=instance` lines, and every few seconds prints how many connections each PostgreSQL instance
 itself sees from the sidecar. Everything is stopped on the way out, Ctrl-C included.
 
-Exit status: 0 when the workload ran without errors and every follower got server connections;
-130 after Ctrl-C; 1 (or the app's status) otherwise.
+With --hold (`make demo ARGS=--hold`) everything keeps running after the workload, and a
+ready-to-paste admin console command (with the demo's throwaway password) is printed, until
+Ctrl-C or SIGTERM.
+
+Exit status: 0 when the workload ran without errors and every follower got server connections
+(with --hold: and the hold was ended by Ctrl-C or SIGTERM); 130 after Ctrl-C during the
+workload; 1 (or the app's status) otherwise.
 """
 
 from __future__ import annotations
@@ -37,10 +42,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from demo_workload import TABLE  # noqa: E402
+from demo_workload import HOLDING_LINE, TABLE  # noqa: E402
 from dnsserver import DNSServer  # noqa: E402
 from followers import FOLLOWER_ADDRS, FOLLOWER_PORT, FOLLOWERS_NAME, ReplicaCluster  # noqa: E402
-from pgfixtures import PostgresServer, free_port, short_tempdir  # noqa: E402
+from pgfixtures import PostgresServer, free_port, pg_bin_dir, short_tempdir  # noqa: E402
 
 #: Sidecar events shown without --verbose (warnings and errors are always shown).
 SHOWN_EVENTS = frozenset(
@@ -128,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="show every sidecar log line")
     parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep everything running after the workload and print an admin console command;"
+        " Ctrl-C or SIGTERM stops it",
+    )
+    parser.add_argument(
         "--color",
         choices=("auto", "always", "never"),
         default="auto",
@@ -174,17 +185,19 @@ def run_sidecar(
     env: dict[str, str],
     argv: list[str],
     servers: dict[tuple[str, str], int],
+    hold_hints: list[str],
 ) -> int:
     """Run bin/start-sidecar; stream its output; return its exit status.
 
     `servers` gets, per (pool, instance) of the `at=instance` lines, the most server
-    connections a line reported.
+    connections a line reported. `hold_hints` are printed when the app says it holds (--hold).
 
     Ctrl-C at the terminal reaches the sidecar and the app as well (one process group): the
     sidecar drains, the app finishes its transactions, and we keep reading until both are
     gone. If the sidecar still runs 2 s later, the signal was ours alone: it gets SIGTERM. A
     second Ctrl-C kills it. (A handler rather than KeyboardInterrupt, which could cut a line
-    of the output in half.)
+    of the output in half.) With --hold, SIGTERM to us stops it the same way, at once, and the
+    signal that ends a hold is no interruption: the status is then the sidecar's (the app's).
     """
     proc = subprocess.Popen(
         argv,
@@ -198,6 +211,7 @@ def run_sidecar(
     )
     assert proc.stdout is not None
     interrupts = 0
+    held = False
 
     def terminate_if_running() -> None:
         if proc.poll() is None:
@@ -207,8 +221,13 @@ def run_sidecar(
         nonlocal interrupts
         interrupts += 1
         if interrupts == 1:
-            console.step("interrupted: the sidecar drains, the app finishes its transactions")
-            timer = threading.Timer(2.0, terminate_if_running)
+            if held:
+                console.step("stopping: the sidecar drains, then everything stops")
+            else:
+                console.step("interrupted: the sidecar drains, the app finishes its transactions")
+            # SIGTERM reached us alone; a terminal's Ctrl-C reached the sidecar and the app too.
+            delay = 0.0 if signum == signal.SIGTERM else 2.0
+            timer = threading.Timer(delay, terminate_if_running)
             timer.daemon = True
             timer.start()
         elif proc.poll() is None:
@@ -216,10 +235,16 @@ def run_sidecar(
             proc.kill()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigint) if args.hold else None
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
             console.sidecar(line, args.verbose)
+            if args.hold and line == HOLDING_LINE and not interrupts:
+                held = True
+                console.step("holding: everything keeps running until Ctrl-C (or SIGTERM)")
+                for hint in hold_hints:
+                    console.note(hint)
             if line.startswith("sidecar at=instance "):
                 fields = dict(FIELD.findall(line))
                 key = (fields.get("pool", "?"), fields.get("instance", "?"))
@@ -227,13 +252,15 @@ def run_sidecar(
                     servers[key] = max(servers.get(key, 0), int(fields["sample#servers"]))
         # Its output ended: the sidecar and the app have exited or are about to.
         code = proc.wait(timeout=SHUTDOWN_TIMEOUT + 5)
-        if interrupts:
+        if interrupts and not held:
             return 130
         return 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
     except subprocess.TimeoutExpired:
         return 1  # killed below
     finally:
         signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         if proc.poll() is None:
             console.warn("bin/start-sidecar did not stop; killing it")
             proc.kill()
@@ -338,6 +365,8 @@ def demo(console: Console, args: argparse.Namespace) -> int:
         env.pop("DYNO", None)
 
         app = [".venv/bin/python", "scripts/demo_workload.py", "--seconds", f"{args.seconds:g}"]
+        if args.hold:
+            app.append("--hold")
         argv = ["bin/start-sidecar", *app]
         console.step(shlex.join(argv))
         console.note(f"DATABASE_URL={masked(leader_url)}")
@@ -365,8 +394,17 @@ def demo(console: Console, args: argparse.Namespace) -> int:
         stack.callback(watcher.join)
         stack.callback(stop_watch.set)
 
+        psql = "psql" if shutil.which("psql") else str(pg_bin_dir() / "psql")
+        hold_hints = [
+            "the admin console (a throwaway password, for this demo only), in another terminal:",
+            "  "
+            + shlex.join([psql, leader.url(host="127.0.0.1", port=port, dbname="sidecar")])
+            + " -c 'SHOW POOLS' -c 'SHOW INSTANCES'",
+            "queries through the pool: the same URL with database `database` (the leader) or"
+            " `follower` (the followers)",
+        ]
         servers: dict[tuple[str, str], int] = {}
-        code = run_sidecar(console, args, env, argv, servers)
+        code = run_sidecar(console, args, env, argv, servers, hold_hints)
         stop_watch.set()
         watcher.join()
 

@@ -8,7 +8,10 @@ connection for the whole run, as an app server's workers would; the proxy decide
 connection, on which instance, runs each transaction.
 
 Prints one summary line (and one line per follower that answered) at the end; exits 1 when any
-transaction failed, 130 when interrupted (^C), 0 otherwise.
+transaction failed, 130 when interrupted (^C), 0 otherwise. With --hold it then prints
+HOLDING_LINE and waits for SIGINT or SIGTERM before exiting (with the same status, except that
+the signal that ends the hold is the expected way out, not an interruption), so the sidecar
+keeps running around it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -24,6 +28,8 @@ from collections import Counter
 import psycopg
 
 TABLE = "demo_events"
+#: What --hold prints once the workload is done (scripts/demo.py watches for it).
+HOLDING_LINE = "app: workload done; holding until SIGINT or SIGTERM"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=15.0, help="how long to run")
     parser.add_argument("--writers", type=int, default=16, help="threads on DATABASE_URL")
     parser.add_argument("--readers", type=int, default=24, help="threads on FOLLOWER_URL")
+    parser.add_argument(
+        "--hold", action="store_true", help="after the workload, wait for SIGINT or SIGTERM"
+    )
     return parser.parse_args(argv)
 
 
@@ -150,9 +159,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app: reads answered by {instance}: {n}", flush=True)
     if tally.first_error is not None:
         print(f"app: first error: {tally.first_error}", flush=True)
+    if args.hold and not interrupted:
+        hold()
     if errors:
         return 1
     return 130 if interrupted else 0
+
+
+def hold() -> None:
+    """Wait, idle and without a connection, until SIGINT or SIGTERM arrives.
+
+    Both are caught here (not left to KeyboardInterrupt or the default kill) so the app exits
+    with its own status and bin/start-sidecar reports that, as it would for an app that stops
+    cleanly on a signal. After the first, both are ignored: the same signal often comes twice
+    (from the terminal or a process-group kill, and forwarded by bin/start-sidecar off
+    Heroku), and the second must not turn a clean exit into an interrupted one. (Ignored, not
+    handled: Python puts its own handlers back to the default while it exits, SIG_IGN it
+    leaves alone.)
+    """
+    got: list[int] = []
+    woken = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        got.append(signum)
+        woken.set()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    print(HOLDING_LINE, flush=True)
+    # A timeout, so the handler (which runs between bytecodes of this thread) gets its turn
+    # even where a signal does not interrupt the wait.
+    while not woken.wait(0.5):
+        pass
+    print(f"app: {signal.Signals(got[0]).name}, exiting", flush=True)
 
 
 if __name__ == "__main__":
