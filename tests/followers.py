@@ -17,19 +17,25 @@ Loopback only: nothing here listens on or connects to any other address.
 from __future__ import annotations
 
 import contextlib
-import os
-import shlex
 import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import psycopg
 import pytest
-from pgfixtures import PASSWORDS, SUPERUSER, PostgresServer, poll_until, short_tempdir
+from pgfixtures import (
+    SUPERUSER,
+    BackendCounts,
+    PostgresServer,
+    TcpAddress,
+    chown_to_server,
+    poll_until,
+    postgres_url,
+    run_as_server,
+    short_tempdir,
+)
 from psycopg.conninfo import make_conninfo
 
 #: Addresses followers listen on, in the order they are created.
@@ -43,54 +49,21 @@ DEFAULT_FOLLOWERS = 2
 LEADER_HBA_REPLICATION = "local     replication  all  trust"
 
 
-def _os_user() -> tuple[int, int] | None:
-    """(uid, gid) of `postgres` when we are root (PostgreSQL refuses to run as root)."""
-    if os.geteuid() != 0:
-        return None
-    import pwd
-
-    entry = pwd.getpwnam("postgres")
-    return entry.pw_uid, entry.pw_gid
-
-
-def _chown(path: Path, ids: tuple[int, int] | None) -> None:
-    if ids is not None:
-        os.chown(path, *ids)
-
-
-def _run_as_server(cmd: list[str | Path], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL tool as the server's OS user; raise with its output on failure."""
-    kwargs: dict[str, Any] = {
-        "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"},
-        "cwd": cwd,
-    }
-    ids = _os_user()
-    if ids is not None:
-        kwargs.update(user=ids[0], group=ids[1], extra_groups=[])
-    argv = [str(c) for c in cmd]
-    proc = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, **kwargs
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{shlex.join(argv)} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    return proc
-
-
 def _listening(addr: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
         return s.connect_ex((addr, port)) == 0
 
 
-class Follower:
-    """One hot standby of the leader on addr:5432."""
+class Follower(BackendCounts, TcpAddress):
+    """One hot standby of the leader on addr:5432 (url() and dsn(): TcpAddress, with TLS)."""
+
+    sslmode = "require"
 
     def __init__(self, leader: PostgresServer, addr: str, base: Path) -> None:
         self.leader = leader
         self.addr = addr
+        self.host = addr
         self.port = FOLLOWER_PORT
         self.base = base
         self.socket_dir = base
@@ -110,8 +83,7 @@ class Follower:
                 " need that address (another test session running?)"
             )
         base = short_tempdir("fo")
-        ids = _os_user()
-        _chown(base, ids)
+        chown_to_server(base)
         follower = cls(leader, addr, base)
         try:
             follower._basebackup()
@@ -126,7 +98,7 @@ class Follower:
         return follower
 
     def _basebackup(self) -> None:
-        _run_as_server(
+        run_as_server(
             [
                 self.leader.bin_dir / "pg_basebackup",
                 "-D", self.data_dir,
@@ -138,12 +110,11 @@ class Follower:
         )  # fmt: skip
 
     def _configure(self, cert: Path, key: Path) -> None:
-        ids = _os_user()
         for src, name in ((cert, "follower.crt"), (key, "follower.key")):
             dest = self.data_dir / name
             shutil.copyfile(src, dest)
             dest.chmod(0o600)
-            _chown(dest, ids)
+            chown_to_server(dest)
         settings = {
             "listen_addresses": self.addr,
             "port": str(self.port),
@@ -163,7 +134,7 @@ class Follower:
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server and wait until it accepts connections (consistent, hot standby)."""
-        _run_as_server(
+        run_as_server(
             [
                 self.leader.bin_dir / "pg_ctl", "start", "-D", self.data_dir, "-w",
                 "-t", str(int(timeout)), "-l", self.log_file,
@@ -174,7 +145,7 @@ class Follower:
     def stop(self, mode: str = "immediate") -> None:
         """pg_ctl stop -m `mode` (immediate: like a crashed or removed instance)."""
         if self.running:
-            _run_as_server(
+            run_as_server(
                 [self.leader.bin_dir / "pg_ctl", "stop", "-D", self.data_dir, "-m", mode, "-w"],
                 self.base,
             )
@@ -215,26 +186,6 @@ class Follower:
     def in_recovery(self) -> bool:
         return bool(self.query("SELECT pg_is_in_recovery()")[0][0])
 
-    def count_backends(self, user: str = "app", dbname: str = "appdb") -> int:
-        """How many client backends `user` has on `dbname` of this follower right now."""
-        rows = self.query(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE backend_type = 'client backend' AND usename = %s AND datname = %s",
-            user,
-            dbname,
-            dbname="postgres",
-        )
-        return int(rows[0][0])
-
-    def wait_backends(
-        self, expected: int, user: str = "app", dbname: str = "appdb", timeout: float = 10.0
-    ) -> None:
-        poll_until(
-            lambda: self.count_backends(user, dbname) == expected,
-            timeout=timeout,
-            what=f"{expected} backends of {user} on {self.addr}",
-        )
-
     def wait_streaming(self, timeout: float = 30.0) -> None:
         """Until the leader shows this follower streaming and the follower is in recovery."""
         poll_until(
@@ -249,43 +200,8 @@ class Follower:
         )
         assert self.in_recovery()
 
-    # addresses
-
-    def url(
-        self, user: str = "app", password: str | None = None, dbname: str = "appdb", **query: str
-    ) -> str:
-        """postgres:// URL of this follower over TCP (user and password percent-encoded)."""
-        return _url(self.addr, self.port, user, password, dbname, query)
-
-    def dsn(
-        self, user: str = "app", password: str | None = None, dbname: str = "appdb", **params: Any
-    ) -> str:
-        """libpq keyword DSN over TCP (sslmode=require, connect_timeout=10 unless given)."""
-        params.setdefault("sslmode", "require")
-        params.setdefault("connect_timeout", 10)
-        return make_conninfo(
-            "",
-            host=self.addr,
-            port=self.port,
-            user=user,
-            password=PASSWORDS.get(user) if password is None else password,
-            dbname=dbname,
-            **params,
-        )
-
     def __repr__(self) -> str:
         return f"<Follower {self.addr}:{self.port} {self.base}>"
-
-
-def _url(host: str, port: int, user: str, password: str | None, dbname: str, query: Any) -> str:
-    password = PASSWORDS.get(user) if password is None else password
-    auth = quote(user, safe="")
-    if password is not None:
-        auth += ":" + quote(password, safe="")
-    text = f"postgres://{auth}@{host}:{port}/{quote(dbname, safe='')}"
-    if query:
-        text += "?" + urlencode({k: str(v) for k, v in query.items()})
-    return text
 
 
 class ReplicaCluster:
@@ -356,7 +272,7 @@ class ReplicaCluster:
         self, user: str = "app", password: str | None = None, dbname: str = "appdb", **query: str
     ) -> str:
         """postgres:// URL of the pool endpoint `followers.test:5432` (resolve it yourself)."""
-        return _url(FOLLOWERS_NAME, FOLLOWER_PORT, user, password, dbname, query)
+        return postgres_url(FOLLOWERS_NAME, FOLLOWER_PORT, user, password, dbname, query)
 
     def restore(self, count: int = DEFAULT_FOLLOWERS) -> None:
         """Back to `count` running, caught-up followers, whatever a test did to them."""

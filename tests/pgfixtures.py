@@ -179,8 +179,8 @@ def make_ca(directory: Path, common_name: str) -> CertAuthority:
 # --- PostgreSQL -----------------------------------------------------------------------------
 
 
-def _server_os_user() -> tuple[str, int, int] | None:
-    """(name, uid, gid) to run the server as, or None to run it as ourselves.
+def server_os_user() -> tuple[int, int] | None:
+    """(uid, gid) to run PostgreSQL servers and tools as, or None to run them as ourselves.
 
     PostgreSQL refuses to run as root, so as root we use the `postgres` system user.
     """
@@ -189,17 +189,97 @@ def _server_os_user() -> tuple[str, int, int] | None:
     import pwd
 
     entry = pwd.getpwnam("postgres")
-    return entry.pw_name, entry.pw_uid, entry.pw_gid
+    return entry.pw_uid, entry.pw_gid
 
 
-def _chown_tree(path: Path, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            os.chown(os.path.join(root, name), uid, gid)
+def chown_to_server(path: Path, recursive: bool = False) -> None:
+    """Give `path` (and, if `recursive`, everything below it) to the server's OS user."""
+    ids = server_os_user()
+    if ids is None:
+        return
+    os.chown(path, *ids)
+    if recursive:
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), *ids)
 
 
-class PostgresServer:
+def run_as_server(cmd: list[str | Path], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL tool (initdb, pg_ctl, pg_basebackup) as the server's OS user, in `cwd`
+    with a minimal environment; raise with its output on failure."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
+    kwargs: dict[str, Any] = {"env": env, "cwd": cwd}
+    ids = server_os_user()
+    if ids is not None:
+        kwargs.update(user=ids[0], group=ids[1], extra_groups=[])
+    return _run(cmd, **kwargs)
+
+
+class TcpAddress:
+    """url() and dsn() for clients of a server listening on self.host:self.port over TCP."""
+
+    host: str
+    port: int
+    #: sslmode of dsn() unless the caller gives one
+    sslmode = "disable"
+    #: whether url() says sslmode too (else the URL leaves it to the client's default)
+    url_sslmode = False
+
+    def url(
+        self,
+        user: str = "app",
+        password: str | None = None,
+        dbname: str = "appdb",
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        **query: str,
+    ) -> str:
+        """A postgres:// URL; user and password (default: the user's) percent-encoded."""
+        if self.url_sslmode:
+            query.setdefault("sslmode", self.sslmode)
+        return postgres_url(host or self.host, port or self.port, user, password, dbname, query)
+
+    def dsn(
+        self,
+        user: str = "app",
+        password: str | None = None,
+        dbname: str = "appdb",
+        **params: Any,
+    ) -> str:
+        """A libpq keyword DSN (`sslmode` and connect_timeout=10 unless given)."""
+        return libpq_dsn(self.host, self.port, user, password, dbname, self.sslmode, params)
+
+
+class BackendCounts:
+    """count_backends / wait_backends for a server class with a superuser `query` method."""
+
+    def query(self, sql_text: str, *params: Any, dbname: str = "appdb") -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def count_backends(self, user: str = "app", dbname: str = "appdb") -> int:
+        """How many client backends `user` has on `dbname` right now."""
+        rows = self.query(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND usename = %s AND datname = %s",
+            user,
+            dbname,
+            dbname="postgres",
+        )
+        return int(rows[0][0])
+
+    def wait_backends(
+        self, expected: int = 0, user: str = "app", dbname: str = "appdb", timeout: float = 10.0
+    ) -> None:
+        """Wait until `user` has exactly `expected` backends on `dbname`."""
+        poll_until(
+            lambda: self.count_backends(user, dbname) == expected,
+            timeout=timeout,
+            what=f"{expected} backends of {user} on {dbname} of {self!r}",
+        )
+
+
+class PostgresServer(BackendCounts, TcpAddress):
     """A private PostgreSQL cluster on 127.0.0.1 and its own unix socket directory.
 
     Roles: `postgres` (superuser, trusted over the unix socket, replication included), `app`
@@ -218,7 +298,6 @@ class PostgresServer:
         self.socket_dir = base
         self.data_dir = base / "data"
         self.log_file = base / "postgres.log"
-        self._os_user = _server_os_user()
         self._conns: dict[tuple[str, str], psycopg.Connection[tuple[Any, ...]]] = {}
         self._lock = threading.Lock()
 
@@ -255,31 +334,21 @@ class PostgresServer:
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
 
-    def _as_server_user(self) -> dict[str, Any]:
-        """subprocess arguments that run a command as the server's OS user."""
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
-        kwargs: dict[str, Any] = {"env": env, "cwd": self.base}
-        if self._os_user is not None:
-            kwargs.update(user=self._os_user[1], group=self._os_user[2], extra_groups=[])
-        return kwargs
-
     def _pg_ctl(self, action: str, *args: str | Path) -> None:
-        _run(
-            [self.bin_dir / "pg_ctl", action, "-D", self.data_dir, *args], **self._as_server_user()
-        )
+        run_as_server([self.bin_dir / "pg_ctl", action, "-D", self.data_dir, *args], self.base)
 
     def _initdb(self) -> None:
         cert, key = self.ca.issue(self.base, "server", "DNS:localhost,IP:127.0.0.1")
-        if self._os_user is not None:
-            _chown_tree(self.base, self._os_user[1], self._os_user[2])
+        if server_os_user() is not None:
+            chown_to_server(self.base, recursive=True)
             # the CA stays readable by us (root) only; the server never needs it
             os.chown(self.ca.key, 0, 0)
-        _run(
+        run_as_server(
             [
                 self.bin_dir / "initdb", "-D", self.data_dir, "-U", SUPERUSER,
                 "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync",
             ],
-            **self._as_server_user(),
+            self.base,
         )  # fmt: skip
         for path in (cert, key):
             shutil.move(path, self.data_dir / path.name)
@@ -325,41 +394,6 @@ class PostgresServer:
 
     # addresses
 
-    def url(
-        self,
-        user: str = "app",
-        password: str | None = None,
-        dbname: str = "appdb",
-        *,
-        host: str | None = None,
-        port: int | None = None,
-        **query: str,
-    ) -> str:
-        """A postgres:// URL for this server; user and password are percent-encoded."""
-        return _url(
-            host or self.host, port or self.port, user, _password(user, password), dbname, query
-        )
-
-    def dsn(
-        self,
-        user: str = "app",
-        password: str | None = None,
-        dbname: str = "appdb",
-        **params: Any,
-    ) -> str:
-        """A libpq keyword DSN for a direct TCP connection (sslmode=disable unless given)."""
-        params.setdefault("sslmode", "disable")
-        params.setdefault("connect_timeout", 10)
-        return make_conninfo(
-            "",
-            host=self.host,
-            port=self.port,
-            user=user,
-            password=_password(user, password),
-            dbname=dbname,
-            **params,
-        )
-
     def _superuser_conninfo(self, dbname: str, user: str = SUPERUSER) -> str:
         return make_conninfo(
             "", host=str(self.socket_dir), port=self.port, user=user, dbname=dbname
@@ -400,35 +434,43 @@ class PostgresServer:
             dbname="postgres",
         )
 
-    def count_backends(self, user: str = "app", dbname: str = "appdb") -> int:
-        """How many client backends `user` has on `dbname` right now."""
-        rows = self.query(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE backend_type = 'client backend' AND usename = %s AND datname = %s",
-            user,
-            dbname,
-            dbname="postgres",
-        )
-        return int(rows[0][0])
-
-    def wait_backends(
-        self, expected: int = 0, user: str = "app", dbname: str = "appdb", timeout: float = 10.0
-    ) -> None:
-        """Wait until `user` has exactly `expected` backends on `dbname`."""
-        poll_until(
-            lambda: self.count_backends(user, dbname) == expected,
-            timeout=timeout,
-            what=f"{expected} backends of {user} on {dbname}",
-        )
+    def __repr__(self) -> str:
+        return f"<PostgresServer {self.host}:{self.port} {self.base}>"
 
 
 def _password(user: str, password: str | None) -> str | None:
     return PASSWORDS.get(user) if password is None else password
 
 
-def _url(
+def libpq_dsn(
+    host: str,
+    port: int,
+    user: str,
+    password: str | None,
+    dbname: str,
+    sslmode: str,
+    params: dict[str, Any],
+) -> str:
+    """A libpq keyword DSN over TCP; `sslmode` and connect_timeout=10 unless `params` set them;
+    no password given means the one the `pg` fixture made for `user` (if any)."""
+    params = {"sslmode": sslmode, "connect_timeout": 10, **params}
+    return make_conninfo(
+        "",
+        host=host,
+        port=port,
+        user=user,
+        password=_password(user, password),
+        dbname=dbname,
+        **params,
+    )
+
+
+def postgres_url(
     host: str, port: int, user: str, password: str | None, dbname: str, query: dict[str, Any]
 ) -> str:
+    """A postgres:// URL, user and password percent-encoded; no password given means the one
+    the `pg` fixture made for `user` (if any)."""
+    password = _password(user, password)
     auth = quote(user, safe="")
     if password is not None:
         auth += ":" + quote(password, safe="")
@@ -441,10 +483,11 @@ def _url(
 # --- the proxy ------------------------------------------------------------------------------
 
 
-class ProxyProcess:
+class ProxyProcess(TcpAddress):
     """One running `python -m sidecar` process, with its output in a log file."""
 
     host = HOST
+    url_sslmode = True  # the proxy refuses TLS on loopback: say so in its URLs too
 
     def __init__(
         self,
@@ -501,38 +544,7 @@ class ProxyProcess:
                 self.proc.wait()
         return self.proc.returncode
 
-    # client addresses
-
-    def dsn(
-        self,
-        user: str = "app",
-        password: str | None = None,
-        dbname: str = "appdb",
-        **params: Any,
-    ) -> str:
-        """A libpq keyword DSN for psycopg (sslmode=disable, connect_timeout=10 unless given)."""
-        params.setdefault("sslmode", "disable")
-        params.setdefault("connect_timeout", 10)
-        return make_conninfo(
-            "",
-            host=self.host,
-            port=self.port,
-            user=user,
-            password=_password(user, password),
-            dbname=dbname,
-            **params,
-        )
-
-    def url(
-        self,
-        user: str = "app",
-        password: str | None = None,
-        dbname: str = "appdb",
-        **query: str,
-    ) -> str:
-        """A postgres:// URL to the proxy (sslmode=disable unless given)."""
-        query.setdefault("sslmode", "disable")
-        return _url(self.host, self.port, user, _password(user, password), dbname, query)
+    # client addresses (url and dsn: TcpAddress)
 
     def asyncpg_params(
         self,

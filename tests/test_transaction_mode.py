@@ -14,7 +14,8 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -44,6 +45,16 @@ def cached(proxy: ProxyProcess, **kwargs: Any) -> dict[str, Any]:
     return params
 
 
+@contextlib.asynccontextmanager
+async def asyncpg_conn(proxy: ProxyProcess, **kwargs: Any) -> AsyncIterator[asyncpg.Connection]:
+    """An asyncpg connection through `proxy` with the default statement cache, closed after."""
+    conn = await asyncpg.connect(**cached(proxy, **kwargs))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 def log_events(proxy: ProxyProcess, event: str, client_pid: int | None = None) -> list[str]:
     """The proxy's `at=<event>` log lines, of one client if `client_pid` is given."""
     lines = [ln for ln in proxy.log_text().splitlines() if ln.startswith(f"sidecar at={event} ")]
@@ -59,6 +70,18 @@ def pin_reasons(proxy: ProxyProcess, client_pid: int) -> list[str]:
         assert match, line
         reasons.append(match.group(1).strip('"'))
     return reasons
+
+
+@contextlib.contextmanager
+def pin_test(
+    proxy_factory: ProxyFactory,
+) -> Iterator[tuple[ProxyProcess, psycopg.Connection[tuple[Any, ...]], Busy, int]]:
+    """A pinning test's setup: a pool of 2, a client (autocommit) and 3 busy clients competing
+    for the servers, so that the client moves unless it is pinned. Yields the proxy, the
+    client, the busy clients and the client's pid as the proxy gave it (its at=pin lines)."""
+    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="2")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, Busy(proxy) as busy:
+        yield proxy, conn, busy, conn.info.backend_pid
 
 
 def wait_check_done(pg: PostgresServer, pid: int) -> None:
@@ -185,21 +208,52 @@ def raise_first(results: list[T | BaseException], what: str) -> list[T]:
     return results  # type: ignore[return-value]
 
 
+async def run_clients(what: str, n: int, client: Callable[[int], Awaitable[T]]) -> list[T]:
+    """client(0) ... client(n - 1) at once; their results, or the first failure (and how many
+    failed) once all have ended."""
+    results = await asyncio.gather(*(client(i) for i in range(n)), return_exceptions=True)
+    return raise_first(results, what)
+
+
+@dataclass
+class Churn:
+    """A 100-client test over a pool of POOL (the `churn` fixture): its table, its proxy, the
+    server lifetime (None, or "1": servers recycled under the clients several times) and until
+    when its clients keep going."""
+
+    pg: PostgresServer
+    table: str
+    proxy: ProxyProcess
+    lifetime: str | None
+    until: float
+
+    async def run(
+        self, what: str, client: Callable[[int], Awaitable[set[int]]]
+    ) -> tuple[list[set[int]], int]:
+        """CLIENTS clients at once, each returning the backend pids it ran on: those sets and
+        the most server connections PostgreSQL saw. At least half the clients must have
+        changed server connection."""
+        async with PeakBackends(self.pg) as watch:
+            pid_sets = await run_clients(what, CLIENTS, client)
+        moved = sum(len(p) > 1 for p in pid_sets)
+        assert moved >= CLIENTS // 2, f"only {moved} clients changed server connection"
+        return pid_sets, watch.peak
+
+
+@pytest.fixture(params=[None, "1"], ids=["steady", "server_lifetime_1s"])
+def churn(request: pytest.FixtureRequest, pg: PostgresServer, proxy_factory: ProxyFactory) -> Churn:
+    lifetime: str | None = request.param
+    pg.wait_backends(0)
+    table = pg.create_table("client int, n int")
+    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE=POOL, SIDECAR_SERVER_LIFETIME=lifetime)
+    return Churn(pg, table, proxy, lifetime, time.monotonic() + (3.5 if lifetime else 0))
+
+
 # --- prepared statements at the protocol level: real drivers, 100 clients over a pool of 5 ----
 
 
-LIFETIMES = pytest.mark.parametrize("lifetime", [None, "1"], ids=["steady", "server_lifetime_1s"])
-
-
-@LIFETIMES
-async def test_asyncpg_default_statement_cache(
-    pg: PostgresServer, proxy_factory: ProxyFactory, lifetime: str | None
-) -> None:
-    await asyncio.to_thread(pg.wait_backends, 0)
-    table = pg.create_table("client int, n int")
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE=POOL, SIDECAR_SERVER_LIFETIME=lifetime)
-    # with lifetime 1s, servers are recycled under the clients several times
-    until = time.monotonic() + (3.5 if lifetime else 0)
+async def test_asyncpg_default_statement_cache(churn: Churn) -> None:
+    table, proxy, until, lifetime = churn.table, churn.proxy, churn.until, churn.lifetime
 
     async def client(i: int) -> set[int]:
         conn = await asyncpg.connect(**cached(proxy, timeout=60))
@@ -234,28 +288,18 @@ async def test_asyncpg_default_statement_cache(
             await conn.close()
         return pids
 
-    async with PeakBackends(pg) as watch:
-        results = await asyncio.gather(*(client(i) for i in range(CLIENTS)), return_exceptions=True)
-    pid_sets = raise_first(results, "asyncpg clients")
-    moved = sum(len(p) > 1 for p in pid_sets)
-    assert moved >= CLIENTS // 2, f"only {moved} clients changed server connection"
+    pid_sets, peak = await churn.run("asyncpg clients", client)
     everything = set().union(*pid_sets)
     if lifetime:
         assert len(everything) > POOL, f"servers were not recycled: {everything}"
         assert 'reason="server lifetime over"' in proxy.log_text()
     else:
-        assert 1 <= watch.peak <= POOL, f"{watch.peak} server connections for a pool of {POOL}"
+        assert 1 <= peak <= POOL, f"{peak} server connections for a pool of {POOL}"
         assert len(everything) <= POOL
 
 
-@LIFETIMES
-async def test_psycopg_prepares_everything(
-    pg: PostgresServer, proxy_factory: ProxyFactory, lifetime: str | None
-) -> None:
-    await asyncio.to_thread(pg.wait_backends, 0)
-    table = pg.create_table("client int, n int")
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE=POOL, SIDECAR_SERVER_LIFETIME=lifetime)
-    until = time.monotonic() + (3.5 if lifetime else 0)
+async def test_psycopg_prepares_everything(churn: Churn) -> None:
+    table, proxy, until, lifetime = churn.table, churn.proxy, churn.until, churn.lifetime
 
     async def client(i: int) -> set[int]:
         autocommit = i % 2 == 0
@@ -311,15 +355,11 @@ async def test_psycopg_prepares_everything(
             await conn.close()
         return pids
 
-    async with PeakBackends(pg) as watch:
-        results = await asyncio.gather(*(client(i) for i in range(CLIENTS)), return_exceptions=True)
-    pid_sets = raise_first(results, "psycopg clients")
-    moved = sum(len(p) > 1 for p in pid_sets)
-    assert moved >= CLIENTS // 2, f"only {moved} clients changed server connection"
+    pid_sets, peak = await churn.run("psycopg clients", client)
     if lifetime:
         assert len(set().union(*pid_sets)) > POOL, "servers were not recycled"
     else:
-        assert 1 <= watch.peak <= POOL, f"{watch.peak} server connections for a pool of {POOL}"
+        assert 1 <= peak <= POOL, f"{peak} server connections for a pool of {POOL}"
 
 
 @pytest.fixture(scope="module")
@@ -376,8 +416,7 @@ async def test_asyncpg_cache_eviction_closes_and_reprepares(
             await conn.close()
         return pids
 
-    results = await asyncio.gather(*(client(i) for i in range(8)), return_exceptions=True)
-    pid_sets = raise_first(results, "asyncpg clients")
+    pid_sets = await run_clients("asyncpg clients", 8, client)
     assert any(len(p) > 1 for p in pid_sets), "no client changed server connection"
 
 
@@ -398,8 +437,7 @@ async def test_psycopg_prepared_max_closes_and_reprepares(
                     cur = await conn.execute(sql, (i * 100 + rnd,))
                     assert await cur.fetchone() == (i * 100 + rnd + k,)
 
-    results = await asyncio.gather(*(client(i) for i in range(8)), return_exceptions=True)
-    raise_first(results, "psycopg clients")
+    await run_clients("psycopg clients", 8, client)
 
 
 def _status(res: PGresult) -> tuple[pq.ExecStatus, str | None]:
@@ -494,15 +532,12 @@ async def test_max_prepared_statements_lru(pg: PostgresServer, proxy_factory: Pr
     proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="1", SIDECAR_MAX_PREPARED_STATEMENTS="2")
 
     async def client(i: int) -> None:
-        conn = await asyncpg.connect(**cached(proxy))
-        try:
+        async with asyncpg_conn(proxy) as conn:
             for rnd in range(10):
                 for k, sql in enumerate(CYCLE):
                     assert await conn.fetchval(sql, i + rnd) == i + rnd + k
-        finally:
-            await conn.close()
 
-    raise_first(await asyncio.gather(*(client(i) for i in range(4)), return_exceptions=True), "")
+    await run_clients("clients", 4, client)
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         names = _proxy_statements(conn)
     assert 1 <= len(names) <= 2 and all(n.startswith("sidecar_") for n in names), names
@@ -512,8 +547,7 @@ async def test_max_prepared_statements_zero_passes_names_through(
     pg: PostgresServer, proxy_factory: ProxyFactory
 ) -> None:
     proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="1", SIDECAR_MAX_PREPARED_STATEMENTS="0")
-    conn = await asyncpg.connect(**cached(proxy))
-    try:
+    async with asyncpg_conn(proxy) as conn:
         stmt = await conn.prepare("select $1::int * 3")
         for rnd in range(5):
             async with conn.transaction():
@@ -523,8 +557,6 @@ async def test_max_prepared_statements_zero_passes_names_through(
         names = await conn.fetch("select name from pg_prepared_statements")
         assert stmt.get_name() in {r["name"] for r in names}
         assert all(r["name"].startswith("__asyncpg_stmt_") for r in names)
-    finally:
-        await conn.close()
 
 
 def test_eviction_skipped_after_an_error(pg: PostgresServer, proxy_factory: ProxyFactory) -> None:
@@ -575,14 +607,11 @@ async def test_statement_reprepared_after_alter_table(
     proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="1")
     table = pg.create_table()
     pg.query(f"insert into {table} values (1, 'a')")
-    conn = await asyncpg.connect(**cached(proxy))
-    try:
+    async with asyncpg_conn(proxy) as conn:
         assert [tuple(r) for r in await conn.fetch(f"select * from {table}")] == [(1, "a")]
         await asyncio.to_thread(pg.query, f"alter table {table} add column extra int default 7")
         # directly on PostgreSQL asyncpg re-prepares once and this succeeds
         assert [tuple(r) for r in await conn.fetch(f"select * from {table}")] == [(1, "a", 7)]
-    finally:
-        await conn.close()
 
 
 # --- errors in pipelines ------------------------------------------------------------------------
@@ -604,8 +633,7 @@ async def _bystanders(proxy: ProxyProcess, stop: asyncio.Event) -> int:
                 rounds += 1
         return rounds
 
-    results = await asyncio.gather(*(one(i) for i in range(6)), return_exceptions=True)
-    return sum(raise_first(results, "bystanders"))
+    return sum(await run_clients("bystanders", 6, one))
 
 
 async def test_psycopg_pipeline_prepare_error(
@@ -780,22 +808,20 @@ def test_set_follows_the_client_to_other_servers(
                 assert row is not None and row[4] == last
                 assert tuple(row[:4]) == defaults, f"{what}: leaked to another client"
 
-        conn.execute("SET TIME ZONE 'Asia/Tokyo'")
-        expected[0] = "Asia/Tokyo"
-        check("SET TIME ZONE")
-        conn.execute("SET search_path TO myschema, public")
-        expected[1] = "myschema, public"
-        check("SET search_path")
+        def run_and_check(statement: str, column: int, value: str, what: str) -> None:
+            """Run `statement`, which sets column `column` of SETTINGS_QUERY to `value`."""
+            conn.execute(statement)
+            expected[column] = value
+            check(what)
+
+        run_and_check("SET TIME ZONE 'Asia/Tokyo'", 0, "Asia/Tokyo", "SET TIME ZONE")
+        run_and_check(
+            "SET search_path TO myschema, public", 1, "myschema, public", "SET search_path"
+        )
         assert conn.execute("select s from where_am_i").fetchone() == ("myschema",)
-        conn.execute("SET statement_timeout = '5s'")
-        expected[2] = "5s"
-        check("SET statement_timeout")
-        conn.execute("RESET statement_timeout")
-        expected[2] = "0"
-        check("RESET statement_timeout")
-        conn.execute("set myapp.tenant = 'acme'")
-        expected[3] = "acme"
-        check("SET of a custom setting")
+        run_and_check("SET statement_timeout = '5s'", 2, "5s", "SET statement_timeout")
+        run_and_check("RESET statement_timeout", 2, "0", "RESET statement_timeout")
+        run_and_check("set myapp.tenant = 'acme'", 3, "acme", "SET of a custom setting")
         with conn.transaction():
             conn.execute("SET LOCAL statement_timeout = '7s'")
             conn.execute("SET LOCAL TIME ZONE 'UTC'")
@@ -872,8 +898,7 @@ async def test_set_under_load(pg: PostgresServer, proxy_factory: ProxyFactory) -
                 await asyncio.sleep(0)
         return pids
 
-    results = await asyncio.gather(*(client(i) for i in range(20)), return_exceptions=True)
-    pid_sets = raise_first(results, "clients")
+    pid_sets = await run_clients("clients", 20, client)
     assert sum(len(p) > 1 for p in pid_sets) >= 10, "clients did not move between servers"
 
 
@@ -902,8 +927,7 @@ async def test_set_config_through_a_cached_statement(
 ) -> None:
     """The row-level-security pattern: one cached statement sets the tenant per request."""
     proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="2")
-    conn = await asyncpg.connect(**cached(proxy))
-    try:
+    async with asyncpg_conn(proxy) as conn:
         last = await conn.fetchval("select pg_backend_pid()")
         for tenant in ("alpha", "beta", "gamma"):
             await conn.execute("select set_config('myapp.tenant', $1, false)", tenant)
@@ -914,8 +938,6 @@ async def test_set_config_through_a_cached_statement(
             assert row is not None and row[1] != last
             last = row[1]
             assert row[0] == tenant
-    finally:
-        await conn.close()
 
 
 async def test_reset_all_keeps_startup_settings(
@@ -927,13 +949,10 @@ async def test_reset_all_keeps_startup_settings(
     query = "select current_setting('application_name'), current_setting('statement_timeout')"
     seen = {}
     for where, port in (("direct", pg.port), ("proxy", proxy.port)):
-        conn = await asyncpg.connect(**cached(proxy, port=port, server_settings=settings))
-        try:
+        async with asyncpg_conn(proxy, port=port, server_settings=settings) as conn:
             await conn.execute("SET application_name = 'changed'; SET statement_timeout = 1")
             await conn.execute("RESET ALL")
             seen[where] = tuple(await conn.fetchrow(query) or ())
-        finally:
-            await conn.close()
     assert seen["direct"] == ("keep-me", "1234ms")
     assert seen["proxy"] == seen["direct"]
 
@@ -949,9 +968,7 @@ def _advisory_holders(pg: PostgresServer, key: int) -> list[int]:
 
 
 def test_advisory_lock_pins_until_unlocked(pg: PostgresServer, proxy_factory: ProxyFactory) -> None:
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="2")
-    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, Busy(proxy) as busy:
-        cpid = conn.info.backend_pid
+    with pin_test(proxy_factory) as (proxy, conn, busy, cpid):
         row = conn.execute("select pg_advisory_lock(4242), pg_backend_pid()").fetchone()
         assert row is not None
         pid = row[1]
@@ -978,22 +995,16 @@ async def test_advisory_lock_through_a_cached_statement(
     pg: PostgresServer, proxy_factory: ProxyFactory
 ) -> None:
     proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="2")
-    conn = await asyncpg.connect(**cached(proxy))
-    try:
+    async with asyncpg_conn(proxy) as conn:
         for _ in range(2):  # the second time the statement comes from asyncpg's cache
             await conn.execute("select pg_advisory_lock($1)", 77)
-            other = await asyncpg.connect(**cached(proxy))
-            try:
+            async with asyncpg_conn(proxy) as other:
                 held = await other.fetchval(
                     "select count(*) from pg_locks"
                     " where locktype = 'advisory' and pid = pg_backend_pid()"
                 )
-            finally:
-                await other.close()
             assert held == 0, "another client got the server that holds the lock"
             await conn.execute("select pg_advisory_unlock_all()")
-    finally:
-        await conn.close()
 
 
 def test_advisory_lock_prepared_by_psycopg(pg: PostgresServer, proxy_factory: ProxyFactory) -> None:
@@ -1012,9 +1023,7 @@ def test_advisory_lock_prepared_by_psycopg(pg: PostgresServer, proxy_factory: Pr
 def test_temp_table_pins_and_on_commit_drop_does_not(
     pg: PostgresServer, proxy_factory: ProxyFactory
 ) -> None:
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="2")
-    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, Busy(proxy) as busy:
-        cpid = conn.info.backend_pid
+    with pin_test(proxy_factory) as (proxy, conn, busy, cpid):
         conn.execute("create temp table scratch (n int)")
         pid = backend_pid(conn)
         mark = time.monotonic()
@@ -1043,9 +1052,7 @@ def test_temp_table_pins_and_on_commit_drop_does_not(
 def test_withhold_cursor_in_autocommit(pg: PostgresServer, proxy_factory: ProxyFactory) -> None:
     """Django's default server-side cursors: DECLARE ... WITH HOLD in autocommit, FETCH in
     chunks, each FETCH its own transaction."""
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="2")
-    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, Busy(proxy) as busy:
-        cpid = conn.info.backend_pid
+    with pin_test(proxy_factory) as (proxy, conn, busy, cpid):
         rows: list[int] = []
         pids = set()
         with conn.cursor(name="django_chunked", withhold=True) as cur:
@@ -1120,9 +1127,7 @@ def test_notifications_are_not_lost(pg: PostgresServer, proxy_factory: ProxyFact
 
 def test_sql_prepare_pins(pg: PostgresServer, proxy_factory: ProxyFactory) -> None:
     """SQL-level PREPARE is not renamed: the client keeps its server until DEALLOCATE."""
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="2")
-    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, Busy(proxy) as busy:
-        cpid = conn.info.backend_pid
+    with pin_test(proxy_factory) as (proxy, conn, busy, cpid):
         conn.execute("PREPARE twice (int) AS SELECT $1 * 2")
         pid = backend_pid(conn)
         mark = time.monotonic()
@@ -1270,8 +1275,7 @@ async def test_mixed_workload(pg: PostgresServer, proxy_factory: ProxyFactory) -
     release = asyncio.Event()
 
     async def pinner(i: int) -> int:
-        conn = await asyncpg.connect(**cached(proxy, timeout=30))
-        try:
+        async with asyncpg_conn(proxy, timeout=30) as conn:
             await conn.execute(f"select pg_advisory_lock({5000 + i})")
             pid = int(await conn.fetchval("select pg_backend_pid()"))
             locked.append(pid)
@@ -1285,8 +1289,6 @@ async def test_mixed_workload(pg: PostgresServer, proxy_factory: ProxyFactory) -
             await conn.execute("select pg_advisory_unlock_all()")
             await conn.fetchval("select 1")  # runs after the proxy's unpin
             return pid
-        finally:
-            await conn.close()
 
     async def worker(i: int) -> set[int]:
         await pinned_ready.wait()
