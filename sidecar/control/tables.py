@@ -1,12 +1,9 @@
-"""The admin console: the virtual `sidecar` / `pgbouncer` database answering SHOW, PAUSE, RELOAD...
+"""The admin console's command table: SHOW, PAUSE, RESUME, RECONNECT, RELOAD, SHUTDOWN.
 
-One `AdminSession` per console connection frames the client's messages and speaks the simple
-query protocol and enough of the extended one for psycopg 3 and asyncpg; `Console` holds the
-command table, plans each statement (its columns are known before it runs, for Describe) and
-runs it against the live pools. Column names follow PgBouncer's where the concept is the same,
-so existing dashboards and scripts keep working. Only PAUSE, RESUME, RECONNECT, RELOAD and
-SHUTDOWN change anything; PAUSE is the one command that waits (for busy servers to come back),
-and this connection answers nothing else until it completes while other connections are served.
+`Console` plans each statement (its columns are known before it runs, for Describe) and runs it
+against the live pools, building each SHOW's rows from the data plane. Column names follow
+PgBouncer's where the concept is the same, so existing dashboards and scripts keep working.
+Only PAUSE, RESUME, RECONNECT, RELOAD and SHUTDOWN change anything.
 """
 
 from __future__ import annotations

@@ -21,8 +21,11 @@ import re
 import secrets
 import stringprep
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import ClassVar, Final, TypeVar
+
+_R = TypeVar("_R")
 
 __all__ = [
     "SCRAM_SHA_256",
@@ -261,6 +264,36 @@ class ScramSecret:
         )
 
 
+class _Exchange:
+    """One side of a SCRAM exchange as a state machine: each step runs only in the state it
+    expects, and any failure leaves the exchange in its ERROR state for good."""
+
+    __slots__ = ("_state",)
+    #: The subclass's ERROR state.
+    _ERROR: ClassVar[enum.Enum]
+    #: The subclass's transitions: message handled -> (the state it is handled in, the next).
+    _STEPS: ClassVar[dict[str, tuple[enum.Enum, enum.Enum]]]
+    _state: enum.Enum
+
+    def _fail(self, message: str) -> AuthError:
+        self._state = self._ERROR
+        return AuthError(message)
+
+    def _step(self, message: str, step: Callable[[bytes], _R], data: bytes) -> _R:
+        """Handle `message` with `step(data)` if in the state _STEPS says (else it is out of
+        order), then move to the next; an AuthError from it moves to ERROR and propagates."""
+        expected, then = self._STEPS[message]
+        if self._state is not expected:
+            raise self._fail(f"SCRAM {message} out of order")
+        try:
+            result = step(data)
+        except AuthError:
+            self._state = self._ERROR
+            raise
+        self._state = then
+        return result
+
+
 class _ServerState(enum.Enum):
     #: Waiting for the SASLInitialResponse data.
     WAIT_CLIENT_FIRST = enum.auto()
@@ -272,11 +305,17 @@ class _ServerState(enum.Enum):
     ERROR = enum.auto()
 
 
-class ScramServer:
+class ScramServer(_Exchange):
     """Server side of SCRAM-SHA-256 (the proxy authenticating an app client).
 
     One instance per login attempt.
     """
+
+    _ERROR = _ServerState.ERROR
+    _STEPS: ClassVar[dict[str, tuple[enum.Enum, enum.Enum]]] = {
+        "client-first-message": (_ServerState.WAIT_CLIENT_FIRST, _ServerState.WAIT_CLIENT_FINAL),
+        "client-final-message": (_ServerState.WAIT_CLIENT_FINAL, _ServerState.DONE),
+    }
 
     __slots__ = (
         "_client_first_bare",
@@ -284,7 +323,6 @@ class ScramServer:
         "_nonce",
         "_secret",
         "_server_first",
-        "_state",
     )
 
     def __init__(self, secret: ScramSecret, server_nonce: str | None = None) -> None:
@@ -295,19 +333,9 @@ class ScramServer:
         self._client_first_bare = ""
         self._server_first = ""
 
-    def _fail(self, message: str) -> AuthError:
-        self._state = _ServerState.ERROR
-        return AuthError(message)
-
     def handle_client_first(self, client_first: bytes) -> bytes:
         """Take the SASLInitialResponse data; return the server-first-message."""
-        if self._state is not _ServerState.WAIT_CLIENT_FIRST:
-            raise self._fail("SCRAM client-first-message out of order")
-        try:
-            return self._client_first(client_first)
-        except AuthError:
-            self._state = _ServerState.ERROR
-            raise
+        return self._step("client-first-message", self._client_first, client_first)
 
     def _client_first(self, data: bytes) -> bytes:
         what = "client-first-message"
@@ -341,20 +369,11 @@ class ScramServer:
         self._server_first = (
             f"r={self._nonce},s={_b64(self._secret.salt)},i={self._secret.iterations}"
         )
-        self._state = _ServerState.WAIT_CLIENT_FINAL
         return self._server_first.encode("ascii")
 
     def handle_client_final(self, client_final: bytes) -> bytes:
         """Take the SASLResponse data; verify it and return the server-final-message."""
-        if self._state is not _ServerState.WAIT_CLIENT_FINAL:
-            raise self._fail("SCRAM client-final-message out of order")
-        try:
-            result = self._client_final(client_final)
-        except AuthError:
-            self._state = _ServerState.ERROR
-            raise
-        self._state = _ServerState.DONE
-        return result
+        return self._step("client-final-message", self._client_final, client_final)
 
     def _client_final(self, data: bytes) -> bytes:
         what = "client-final-message"
@@ -400,12 +419,18 @@ class _ClientState(enum.Enum):
     ERROR = enum.auto()
 
 
-class ScramClient:
+class ScramClient(_Exchange):
     """Client side of SCRAM-SHA-256 (the proxy authenticating to an upstream PostgreSQL).
 
     The caller must not treat the upstream as authenticated until `verify_server_final`
     has returned: that is what proves the server knows the password.
     """
+
+    _ERROR = _ClientState.ERROR
+    _STEPS: ClassVar[dict[str, tuple[enum.Enum, enum.Enum]]] = {
+        "server-first-message": (_ClientState.WAIT_SERVER_FIRST, _ClientState.WAIT_SERVER_FINAL),
+        "server-final-message": (_ClientState.WAIT_SERVER_FINAL, _ClientState.DONE),
+    }
 
     __slots__ = (
         "_auth_message",
@@ -413,7 +438,6 @@ class ScramClient:
         "_nonce",
         "_password",
         "_server_key",
-        "_state",
     )
 
     def __init__(self, password: str, client_nonce: str | None = None, *, user: str = "") -> None:
@@ -428,10 +452,6 @@ class ScramClient:
     def __repr__(self) -> str:
         return f"<ScramClient state={self._state.name}>"
 
-    def _fail(self, message: str) -> AuthError:
-        self._state = _ClientState.ERROR
-        return AuthError(message)
-
     def client_first(self) -> bytes:
         """Return the SASLInitialResponse data: gs2 header plus client-first-message-bare."""
         if self._state is not _ClientState.INITIAL:
@@ -441,15 +461,7 @@ class ScramClient:
 
     def handle_server_first(self, server_first: bytes) -> bytes:
         """Take the AuthenticationSASLContinue data; return the client-final-message."""
-        if self._state is not _ClientState.WAIT_SERVER_FIRST:
-            raise self._fail("SCRAM server-first-message out of order")
-        try:
-            result = self._server_first(server_first)
-        except AuthError:
-            self._state = _ClientState.ERROR
-            raise
-        self._state = _ClientState.WAIT_SERVER_FINAL
-        return result
+        return self._step("server-first-message", self._server_first, server_first)
 
     def _server_first(self, data: bytes) -> bytes:
         what = "server-first-message"
@@ -488,14 +500,7 @@ class ScramClient:
 
     def verify_server_final(self, server_final: bytes) -> None:
         """Check the AuthenticationSASLFinal data; raise AuthError unless the server is genuine."""
-        if self._state is not _ClientState.WAIT_SERVER_FINAL:
-            raise self._fail("SCRAM server-final-message out of order")
-        try:
-            self._server_final(server_final)
-        except AuthError:
-            self._state = _ClientState.ERROR
-            raise
-        self._state = _ClientState.DONE
+        self._step("server-final-message", self._server_final, server_final)
 
     def _server_final(self, data: bytes) -> None:
         what = "server-final-message"
