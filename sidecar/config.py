@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -22,6 +23,8 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 POOL_MODES = ("transaction", "session")
 AUTH_TYPES = ("scram-sha-256", "md5")
 URL_STYLES = ("tcp", "unix")
+#: SIDECAR_CLIENT_TLS: answer an app's SSLRequest with TLS (allow), never (off), or insist.
+CLIENT_TLS_MODES = ("allow", "off", "require")
 #: Most proxy processes SIDECAR_WORKERS may ask for (a performance dyno has at most 8 cores).
 MAX_WORKERS = 64
 
@@ -159,6 +162,13 @@ class Settings:
     # frees a client from a server that stalled mid-query.
     query_timeout: float = 0.0
     client_idle_timeout: float = 0.0
+    #: A client that has not logged in this long after connecting is closed (0: never).
+    client_login_timeout: float = 60.0
+    #: TLS towards the apps (see dataplane/clienttls.py): allow, off or require.
+    client_tls: str = "allow"
+    #: The app-facing certificate and key (PEM files); empty: one made at start.
+    client_tls_cert: str = ""
+    client_tls_key: str = ""
     server_tls_sslmode: str = "require"
     server_tls_ca_file: str = ""
     auth_type: str = "scram-sha-256"
@@ -201,8 +211,29 @@ PGBOUNCER_FALLBACKS = frozenset(
         "enabled",
         "log_connections",
         "log_disconnections",
+        "client_login_timeout",
     }
 )
+
+#: PGBOUNCER_* names that differ from ours: setting -> (PgBouncer's var, its values to ours).
+#: PgBouncer's client_tls_sslmode speaks libpq's words; what it asks of a client maps onto
+#: ours (prefer/allow: TLS when asked; require and the verify-* modes: TLS or nothing, since a
+#: pooler that does not check client certificates verifies nothing more).
+PGBOUNCER_RENAMED: dict[str, tuple[str, dict[str, str] | None]] = {
+    "client_tls": (
+        "PGBOUNCER_CLIENT_TLS_SSLMODE",
+        {
+            "disable": "off",
+            "allow": "allow",
+            "prefer": "allow",
+            "require": "require",
+            "verify-ca": "require",
+            "verify-full": "require",
+        },
+    ),
+    "client_tls_cert": ("PGBOUNCER_CLIENT_TLS_CERT_FILE", None),
+    "client_tls_key": ("PGBOUNCER_CLIENT_TLS_KEY_FILE", None),
+}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -253,6 +284,18 @@ def load_settings(
             if raw is not None:
                 fallbacks.append(pg_key)
                 source = pg_key
+        if raw is None and f.name in PGBOUNCER_RENAMED:
+            pg_key, words = PGBOUNCER_RENAMED[f.name]
+            raw = env.get(pg_key)
+            if raw is not None:
+                fallbacks.append(pg_key)
+                source = pg_key
+                if words is not None:
+                    if raw.strip().lower() not in words:
+                        raise ConfigError(
+                            f"{pg_key} must be one of {', '.join(words)}, got {raw!r}"
+                        )
+                    raw = words[raw.strip().lower()]
         if raw is None:
             continue
         values[f.name] = _convert(source, raw, f.type)
@@ -285,10 +328,50 @@ def _validate(s: Settings) -> None:
         raise ConfigError("SIDECAR_MAX_CLIENT_CONN must be at least 1")
     if s.server_tls_ca_file and not os.path.isfile(s.server_tls_ca_file):
         raise ConfigError(f"SIDECAR_SERVER_TLS_CA_FILE {s.server_tls_ca_file!r} is not a file")
+    if s.client_tls not in CLIENT_TLS_MODES:
+        raise ConfigError(
+            f"SIDECAR_CLIENT_TLS must be one of {', '.join(CLIENT_TLS_MODES)}, got {s.client_tls!r}"
+        )
+    check_client_tls_files(s.client_tls_cert, s.client_tls_key)
     if s.dns_min_interval <= 0:
         raise ConfigError("SIDECAR_DNS_MIN_INTERVAL must be more than 0 seconds")
     parse_nameservers(s.dns_nameservers)
     parse_workers(s.workers)
+
+
+def _no_passphrase() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal: a dyno would hang at start.
+    raise ConfigError(
+        "SIDECAR_CLIENT_TLS_KEY is encrypted with a passphrase; give an unencrypted key"
+        " (the file itself should be readable by this user only)"
+    )
+
+
+def check_client_tls_files(cert: str, key: str) -> None:
+    """SIDECAR_CLIENT_TLS_CERT/KEY: both or neither, and a pair that loads (key matches)."""
+    if not cert and not key:
+        return
+    if not (cert and key):
+        given, missing = (
+            ("SIDECAR_CLIENT_TLS_CERT", "SIDECAR_CLIENT_TLS_KEY")
+            if cert
+            else ("SIDECAR_CLIENT_TLS_KEY", "SIDECAR_CLIENT_TLS_CERT")
+        )
+        raise ConfigError(f"{given} is set but {missing} is not: give both files, or neither")
+    for name, path in (("SIDECAR_CLIENT_TLS_CERT", cert), ("SIDECAR_CLIENT_TLS_KEY", key)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{name} {path!r} is not a file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{name} {path!r} is not readable by this process")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except ssl.SSLError as exc:
+        # "KEY_VALUES_MISMATCH", "NO_START_LINE" (not PEM), a key with a passphrase...
+        raise ConfigError(
+            f"SIDECAR_CLIENT_TLS_CERT/SIDECAR_CLIENT_TLS_KEY do not load as a PEM certificate"
+            f" and its private key (unencrypted): {exc.reason or exc}"
+        ) from None
 
 
 def parse_workers(text: str) -> int | None:

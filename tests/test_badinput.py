@@ -25,7 +25,14 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pgfixtures import APP_PASSWORD, MD5_PASSWORD, ProxyFactory, ProxyProcess, poll_until
+from pgfixtures import (
+    APP_PASSWORD,
+    MD5_PASSWORD,
+    PostgresServer,
+    ProxyFactory,
+    ProxyProcess,
+    poll_until,
+)
 from tcpproxy import Message, PgWire, WireError, errors, rows
 
 from sidecar.protocol import auth
@@ -107,17 +114,21 @@ def watching(proxy: ProxyProcess) -> Iterator[Bystander]:
     watcher.check()
 
 
-def leading_requests(data: bytes) -> int:
-    """How many SSL/GSSENC requests open `data` and are answered by one byte, "N": each kind
-    once, as PostgreSQL does (a repeat is an error)."""
-    count = 0
-    seen: set[bytes] = set()
-    while (packet := data[count * 8 : count * 8 + 8]) in (m.ssl_request(), _gssenc_request()):
+def leading_requests(data: bytes) -> list[bytes]:
+    """The SSL/GSSENC requests that open `data` and are answered by one byte: each kind
+    once, as PostgreSQL does (a repeat is an error); nothing after an SSLRequest, whose "S"
+    makes the rest a TLS handshake."""
+    seen: list[bytes] = []
+    while (packet := data[len(seen) * 8 : len(seen) * 8 + 8]) in (
+        m.ssl_request(),
+        _gssenc_request(),
+    ):
         if packet in seen:
             break
-        seen.add(packet)
-        count += 1
-    return count
+        seen.append(packet)
+        if packet == m.ssl_request():
+            break
+    return seen
 
 
 def _gssenc_request() -> bytes:
@@ -136,9 +147,10 @@ def exchange(proxy: ProxyProcess, data: bytes, *, after_login: bool = False) -> 
             wire.send(data)  # it may hang up before the last bytes
         wire.half_close()
         if not after_login:
-            for _ in range(leading_requests(data)):
-                with_n = wire.recv_byte(10)
-                assert with_n == b"N", with_n
+            for packet in leading_requests(data):
+                # TLS is offered on TCP (SIDECAR_CLIENT_TLS=allow), GSSAPI encryption is not.
+                answer = wire.recv_byte(10)
+                assert answer == (b"S" if packet == m.ssl_request() else b"N"), answer
         return wire.until_closed(10)
 
 
@@ -159,7 +171,9 @@ def check_answer(answer: list[Message], allowed: set[str] | None) -> None:
 
 lengths = st.one_of(
     st.integers(-(2**31), 2**31 - 1),
-    st.sampled_from([-1, 0, 3, 4, 7, 8, 9, 10_000, 10_001, 2**30, 2**30 + 1, 2**31 - 1]),
+    st.sampled_from(
+        [-1, 0, 3, 4, 7, 8, 9, 10_000, 10_001, 10_004, 10_005, 2**30, 2**30 + 1, 2**31 - 1]
+    ),
 )
 
 
@@ -284,7 +298,7 @@ def fatal_codes(answer: list[Message]) -> list[str]:
 @pytest.mark.parametrize(
     "data",
     [
-        pytest.param(struct.pack("!i", 10_001) + b"\x00" * 10_000, id="startup-over-10kB"),
+        pytest.param(struct.pack("!i", 10_005) + b"\x00" * 10_004, id="startup-over-10kB"),
         pytest.param(struct.pack("!ii", 20_000, m.PROTOCOL_V3) + b"user\x00" * 3000, id="20kB"),
         pytest.param(struct.pack("!i", -8) + b"\x00" * 8, id="negative-length"),
         pytest.param(struct.pack("!i", 2**30 + 1) + b"\x00" * 8, id="over-1GB"),
@@ -292,14 +306,31 @@ def fatal_codes(answer: list[Message]) -> list[str]:
         pytest.param(
             b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, id="tls-hello"
         ),
+        # Typed messages where the startup packet belongs: a driver closing a connection it
+        # had not started (node-postgres connect() then end()), or one that skipped it.
+        pytest.param(m.TERMINATE_MSG, id="terminate"),
+        pytest.param(m.query("SELECT 1"), id="query"),
+        pytest.param(struct.pack("!iii", 12, m.CANCEL_REQUEST_CODE, 1), id="short-cancel"),
     ],
 )
-def test_bad_startup_packet(proxy: ProxyProcess, data: bytes) -> None:
-    with PgWire.connect(proxy.host, proxy.port) as wire:
-        wire.send(data)
-        # no half-close: the proxy must answer and hang up on its own
-        answer = wire.until_closed(10)
-    assert fatal_codes(answer) == ["08P01"], answer
+def test_bad_startup_packet(pg: PostgresServer, proxy: ProxyProcess, data: bytes) -> None:
+    """As PostgreSQL: "invalid length of startup packet" is logged, and the connection
+    closed without an ErrorResponse (a driver would report it on a connection the app itself
+    was closing). Checked against PostgreSQL directly, then the proxy."""
+    for host, port in ((pg.host, pg.port), (proxy.host, proxy.port)):
+        with PgWire.connect(host, port) as wire:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                wire.send(data)
+            # no half-close: the server must hang up on its own
+            try:
+                answer = wire.until_closed(10)
+            except ConnectionResetError:  # closed with our bytes unread: a reset, no answer
+                answer = []
+        assert answer == [], (port, answer)
+    poll_until(
+        lambda: 'reason="protocol violation: invalid length of startup packet"' in proxy.log_text(),
+        what="the reason logged",
+    )
     assert_no_crash(proxy)
 
 
@@ -381,6 +412,25 @@ def test_garbage_to_the_admin_console(proxy: ProxyProcess) -> None:
 
 
 def test_many_ssl_requests_in_one_packet(proxy: ProxyProcess) -> None:
+    with PgWire.connect(proxy.host, proxy.port) as wire:
+        wire.send(m.ssl_request() * 3000)
+        wire.half_close()
+        data = b""
+        with pytest.raises(WireError):
+            while True:
+                data += wire.recv_byte(10)
+    # PostgreSQL answers "S", then refuses what came before the handshake unencrypted
+    # ("received unencrypted data after SSL request"): the proxy closes at once.
+    assert data == b"S"
+    assert_no_crash(proxy)
+    poll_until(
+        lambda: "received unencrypted data after SSL request" in proxy.log_text(),
+        what="the refusal logged",
+    )
+
+
+def test_many_ssl_requests_in_one_packet_tls_off(proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory(SIDECAR_CLIENT_TLS="off")
     with PgWire.connect(proxy.host, proxy.port) as wire:
         wire.send(m.ssl_request() * 3000)
         wire.half_close()

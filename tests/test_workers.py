@@ -36,6 +36,7 @@ from test_faults import assert_no_tracebacks
 from test_followers import Backends, events, hold_capped_load, start_proxy
 
 from sidecar.config import MAX_WORKERS, ConfigError, PoolConfig, Settings, load_settings, parse_url
+from sidecar.dataplane.clienttls import load_client_tls
 from sidecar.shell.workers import (
     Worker,
     _exited,
@@ -314,7 +315,13 @@ def test_the_configuration_reaches_a_child_intact() -> None:
         ),
         PoolConfig("f", parse_url("postgres://u:p@f/d"), overrides={"max_per_instance": 3}),
     ]
-    assert read_config(config_blob(settings, pools)) == (settings, pools)
+    assert read_config(config_blob(settings, pools)) == (settings, pools, None)
+    # The app-facing certificate travels with it: every worker serves the one worker 0 made.
+    tls = load_client_tls(settings)
+    assert tls is not None
+    _, _, copy = read_config(config_blob(settings, pools, tls))
+    assert copy is not None
+    assert (copy.cert_pem, copy.key_pem, copy.source) == (tls.cert_pem, tls.key_pem, "generated")
 
 
 def test_a_config_error_stops_the_start(pg: PostgresServer) -> None:

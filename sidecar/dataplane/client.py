@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
@@ -18,6 +19,7 @@ from ..protocol import messages as m
 from ..protocol.auth import AuthError, ScramServer, verify_md5_response
 from ..protocol.errors import (
     ADMIN_SHUTDOWN,
+    INVALID_AUTHORIZATION,
     INVALID_CATALOG_NAME,
     INVALID_PASSWORD,
     PROTOCOL_VIOLATION,
@@ -25,7 +27,7 @@ from ..protocol.errors import (
     ProtocolError,
 )
 from ..protocol.frontend import Frontend, local_prepare
-from .server import set_nodelay
+from .server import TLS_READ_BUFFER, set_nodelay
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -63,6 +65,9 @@ _NOT_SETTINGS = {"user", "database", "options", "replication"}
 
 def _unconnected(data: bytes) -> None:
     raise ConnectionError("no transport yet")
+
+
+_CLIENT_CLOSED = "client closed the connection"
 
 
 class ClientState(enum.Enum):
@@ -143,6 +148,7 @@ class ClientConn(asyncio.Protocol):
         "_sasl_started",
         "_scram",
         "_startup",
+        "_tcp",
         "_user_ok",
         "addr",
         "admin",
@@ -162,6 +168,7 @@ class ClientConn(asyncio.Protocol):
         "server",
         "startup_params",
         "state",
+        "tls",
         "transport",
         "user",
         "wait_started",
@@ -179,6 +186,10 @@ class ClientConn(asyncio.Protocol):
         self.user = ""
         self.database = ""
         self.addr = ""
+        #: Came in over TCP (TLS is offered there; PostgreSQL refuses it on a Unix socket).
+        self._tcp = False
+        #: The connection is encrypted (after an SSLRequest answered "S" and a handshake).
+        self.tls = False
         # What this client's session should look like on any server: reported params and SETs.
         self.params: dict[str, str] = {}
         #: `params` holds every parameter a server reports too (see Pool._link).
@@ -214,7 +225,8 @@ class ClientConn(asyncio.Protocol):
         self.write = self.transport.write
         set_nodelay(self.transport)
         peer = transport.get_extra_info("peername")
-        self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self._tcp = isinstance(peer, tuple)
+        self.addr = f"{peer[0]}:{peer[1]}" if self._tcp else "unix"
         self.proxy.client_connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -231,11 +243,16 @@ class ClientConn(asyncio.Protocol):
                 assert self.admin is not None
                 self.admin.feed(data)
         except ProtocolError as exc:
-            self.fail(exc.sqlstate, str(exc), reason=f"protocol violation: {exc}")
+            if exc.silent:
+                # As PostgreSQL: logged, closed without an ErrorResponse (the peer is no
+                # PostgreSQL client, or one closing a connection it has not started).
+                self.close(f"protocol violation: {exc}")
+            else:
+                self.fail(exc.sqlstate, str(exc), reason=f"protocol violation: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is not C_CLOSED:
-            self._gone("client closed the connection")
+            self._gone(_CLIENT_CLOSED)
 
     def pause_writing(self) -> None:
         # The client reads slower than the server sends: stop reading the server (bounded memory).
@@ -358,7 +375,17 @@ class ClientConn(asyncio.Protocol):
                     "0A000",
                 )
             self._negotiated += (kind,)
-            # TLS to a loopback or Unix socket peer buys nothing; libpq then continues in clear.
+            if kind is m.SSLRequest and self._tcp and self.proxy.client_tls_ctx is not None:
+                self.write(b"S")
+                if data:
+                    # Bytes sent before the handshake were not encrypted: PostgreSQL refuses
+                    # them ("received unencrypted data after SSL request", CVE-2021-23214).
+                    self.close("received unencrypted data after SSL request")
+                    return
+                self.proxy.spawn(self._start_tls(self.proxy.client_tls_ctx))
+                return
+            # GSSAPI, TLS turned off, or a Unix socket (PostgreSQL answers "N" there too;
+            # libpq does not even ask): the client goes on in clear, or gives up.
             self.write(b"N")
         rest = data
         if isinstance(event, m.CancelRequest):
@@ -370,12 +397,51 @@ class ClientConn(asyncio.Protocol):
         if rest and self.state is C_AUTH:
             self._auth_data(rest)
 
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        """The TLS handshake after an "S"; then the startup packet comes encrypted."""
+        transport = self.transport
+        assert transport is not None
+        reader = TLSReader(self)
+        try:
+            new = await asyncio.get_running_loop().start_tls(
+                transport,
+                reader,
+                ctx,
+                server_side=True,
+                ssl_handshake_timeout=self.proxy.settings.client_login_timeout or None,
+            )
+        except Exception as exc:  # ssl.SSLError, ConnectionResetError, a handshake timeout
+            if self.state is not C_CLOSED:
+                why = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
+                self.close(f"TLS handshake failed: {why}")
+            return
+        if new is None or self.state is C_CLOSED:  # closed meanwhile (login timeout, shutdown)
+            if new is not None:
+                new.close()
+            if self.state is not C_CLOSED:
+                self.close("TLS handshake failed: no transport")
+            return
+        self.transport = new
+        self.write = new.write
+        self.tls = True
+        reader.start()
+
     def _login_start(self, params: dict[str, str]) -> None:
         self.user = params["user"]
         self.database = params.get("database") or self.user
         if self.proxy.shutting_down:
             self.fail(
                 ADMIN_SHUTDOWN, "the database system is shutting down", reason="shutting down"
+            )
+            return
+        if self._tcp and not self.tls and self.proxy.settings.client_tls == "require":
+            # What PostgreSQL says when only `hostssl` lines would match.
+            host = self.addr.rpartition(":")[0]
+            self.fail(
+                INVALID_AUTHORIZATION,
+                f'no pg_hba.conf entry for host "{host}", user "{self.user}",'
+                f' database "{self.database}", no encryption',
+                reason="connection without TLS refused (SIDECAR_CLIENT_TLS=require)",
             )
             return
         if not self.proxy.admit(self):
@@ -473,6 +539,7 @@ class ClientConn(asyncio.Protocol):
         assert self.pool is not None
         self.write(m.AUTH_OK_MSG)
         self._scram = None
+        self.proxy.client_authenticated(self)
         self.pid, self.secret = self.proxy.register_key(self)
         if self.database in ADMIN_DATABASES:
             self.admin = self.proxy.console(self.proxy, self)
@@ -520,6 +587,12 @@ class ClientConn(asyncio.Protocol):
             self.transport.write(m.fatal(sqlstate, text))
         self.close(reason)
 
+    def login_timed_out(self, timeout: float) -> None:
+        """Not logged in client_login_timeout after connecting: closed without a word, as
+        PostgreSQL does on authentication_timeout (a client that went quiet is not reading)."""
+        if self.state in (C_STARTUP, C_AUTH):
+            self.close(f"client_login_timeout ({timeout:g}s) in {self.state.value}")
+
     def close(self, reason: str, *, log_it: bool = True) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -534,15 +607,60 @@ class ClientConn(asyncio.Protocol):
         if self.pool is not None:
             self.pool.client_gone(self, state, reason)
         self.proxy.client_disconnected(self)
-        if log_it and self.proxy.settings.log_disconnections and state is not C_STARTUP:
+        # A client gone before its startup packet is a port probe, unless something went wrong.
+        quiet = state is C_STARTUP and reason == _CLIENT_CLOSED
+        if log_it and self.proxy.settings.log_disconnections and not quiet:
             logger.info(
                 "disconnect",
                 pool=self.pool.name if self.pool else None,
                 user=self.user or None,
                 addr=self.addr,
                 reason=reason,
+                **({"tls": True} if self.tls else {}),
                 duration_s=round(time.monotonic() - self.connected_at, 3),
             )
 
     def protocol_violation(self, text: str) -> None:
         self.fail(PROTOCOL_VIOLATION, text, reason=f"protocol violation: {text}")
+
+
+class TLSReader(asyncio.BufferedProtocol):
+    """The app-side TLS transport's protocol: hands decrypted bytes to its ClientConn.
+
+    A BufferedProtocol for the reason TLSServerConn is one (server.py): uvloop's TLS layer
+    would otherwise read each record into a new 256 KiB bytes. ClientConn itself stays an
+    asyncio.Protocol, so plaintext clients keep uvloop's cheaper data_received path.
+
+    Bytes decrypted before start_tls has returned (a startup packet in the handshake's last
+    flight) are held until the client writes through the TLS transport (`start`).
+    """
+
+    __slots__ = ("client", "held")
+
+    def __init__(self, client: ClientConn) -> None:
+        self.client = client
+        self.held: list[bytes] | None = []
+
+    def start(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self.client.data_received(b"".join(held))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return TLS_READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = bytes(TLS_READ_BUFFER[:nbytes])
+        if self.held is None:
+            self.client.data_received(data)
+        else:
+            self.held.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.client.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.client.resume_writing()

@@ -15,6 +15,7 @@ from .. import log
 from ..config import PoolConfig, Settings
 from ..protocol.errors import ADMIN_SHUTDOWN
 from .client import ClientConn, ConsoleSession
+from .clienttls import ClientTLS, load_client_tls
 from .pool import Pool
 from .server import send_cancel
 
@@ -48,8 +49,15 @@ class Proxy:
         worker: Worker | None = None,
         console: ConsoleFactory | None = None,
         side_tasks: Sequence[SideTask] = (),
+        client_tls: ClientTLS | None = None,
     ) -> None:
         self.settings = settings
+        #: The certificate served to apps that ask for TLS (the shell makes it once for every
+        #: worker; made here when not handed in), and the context of the TCP listener.
+        if client_tls is None and settings.client_tls != "off":
+            client_tls = load_client_tls(settings)
+        self.client_tls = client_tls if settings.client_tls != "off" else None
+        self.client_tls_ctx = self.client_tls.context() if self.client_tls else None
         #: Makes the session of a client that logs in to the admin console. The control
         #: surface is handed in (shell.assemble) so the data plane never imports it.
         self.console: ConsoleFactory = console or _no_console
@@ -59,6 +67,9 @@ class Proxy:
         self.worker = worker
         self.pools: dict[str, Pool] = {p.name: Pool(self, p, p.settings(settings)) for p in pools}
         self.clients: set[ClientConn] = set()
+        #: Clients that have not authenticated yet: the janitor closes them after
+        #: client_login_timeout.
+        self.unauthenticated: set[ClientConn] = set()
         self.logged_in = 0
         self._keys: dict[tuple[int, int], ClientConn] = {}
         self._servers: list[asyncio.Server] = []
@@ -98,10 +109,10 @@ class Proxy:
             await w.start(self, unix)
         for pool in self.pools.values():
             # Listening first: a client arriving before DNS answers just waits for it.
-            self._spawn(pool.start())
-        self._spawn(self._janitor())
+            self.spawn(pool.start())
+        self.spawn(self._janitor())
         for task in self.side_tasks:
-            self._spawn(task(self))
+            self.spawn(task(self))
         logger.info(
             "listening",
             addr=f"{LISTEN_ADDR}:{s.port}",
@@ -118,6 +129,9 @@ class Proxy:
                 sslmode=pool.sslmode,
                 size=pool.settings.default_pool_size,
             )
+        if self.client_tls is not None and (w is None or w.index == 0):
+            # What making the certificate cost is part of the start-up time (docs).
+            logger.info("client_tls", mode=s.client_tls, **self.client_tls.describe())
 
     async def serve(self) -> None:
         """Run until shut down (SIGTERM/SIGINT or `shutdown()`)."""
@@ -149,7 +163,7 @@ class Proxy:
             pool.close_idle("shutdown")
         if self.worker is not None:
             self.worker.shutdown(why)
-        self._spawn(self._drain())
+        self.spawn(self._drain())
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.shutdown_timeout
@@ -181,9 +195,14 @@ class Proxy:
 
     def client_connected(self, client: ClientConn) -> None:
         self.clients.add(client)
+        self.unauthenticated.add(client)
+
+    def client_authenticated(self, client: ClientConn) -> None:
+        self.unauthenticated.discard(client)
 
     def client_disconnected(self, client: ClientConn) -> None:
         self.clients.discard(client)
+        self.unauthenticated.discard(client)
         if client.counted:
             client.counted = False
             self.logged_in -= 1
@@ -233,7 +252,7 @@ class Proxy:
                 return
             logger.info("cancel_ignored", reason="client holds no server", addr=client.addr)
             return
-        self._spawn(self._cancel(server))
+        self.spawn(self._cancel(server))
 
     async def _cancel(self, server: object) -> None:
         from .server import ServerConn
@@ -255,8 +274,20 @@ class Proxy:
                     pool.maintain(now)
                 except Exception:
                     logger.exception("janitor_error", pool=pool.name)
+            self._login_timeouts(now)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _login_timeouts(self, now: float) -> None:
+        """Close clients that connected client_login_timeout ago and are not logged in yet
+        (a half-done startup, SCRAM exchange or TLS handshake holds a slot otherwise)."""
+        timeout = self.settings.client_login_timeout
+        if not timeout or not self.unauthenticated:
+            return
+        late = [c for c in self.unauthenticated if now - c.connected_at > timeout]
+        for client in late:
+            client.login_timed_out(timeout)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` as a task the proxy keeps a reference to until it ends."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -523,10 +523,11 @@ class ServerConn(asyncio.BaseProtocol):
         self.enter_data_mode()
 
 
-# Where TLS connections' decrypted bytes land, one buffer for all of them: each read is copied
-# out (into a bytes of its own size) before the next one can start.
+# Where TLS connections' decrypted bytes land, one buffer for all of them (servers' and, in
+# client.py, apps'): each read is copied out (into a bytes of its own size) before the next one
+# can start.
 _TLS_READ_SIZE = 256 * 1024
-_tls_buffer = memoryview(bytearray(_TLS_READ_SIZE))
+TLS_READ_BUFFER = memoryview(bytearray(_TLS_READ_SIZE))
 
 
 class TLSServerConn(ServerConn, asyncio.BufferedProtocol):
@@ -543,10 +544,10 @@ class TLSServerConn(ServerConn, asyncio.BufferedProtocol):
     __slots__ = ()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _tls_buffer
+        return TLS_READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_tls_buffer[:nbytes]))
+        self.data_received(bytes(TLS_READ_BUFFER[:nbytes]))
 
 
 async def open_server(pool: Pool, host: str, port: int, server_hostname: str) -> ServerConn:

@@ -24,6 +24,11 @@ INTERNAL_ERROR = "XX000"
 class ProtocolError(Exception):
     """The peer broke the wire protocol; the connection cannot continue."""
 
-    def __init__(self, message: str, sqlstate: str = PROTOCOL_VIOLATION) -> None:
+    def __init__(
+        self, message: str, sqlstate: str = PROTOCOL_VIOLATION, *, silent: bool = False
+    ) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        #: PostgreSQL only logs this one (a COMMERROR) and closes without an ErrorResponse:
+        #: the peer may not speak the protocol at all (a bad startup packet's length).
+        self.silent = silent

@@ -16,8 +16,9 @@ SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
 
-# PostgreSQL refuses startup packets above this (MAX_STARTUP_PACKET_LENGTH).
-MAX_STARTUP_LENGTH = 10_000
+# PostgreSQL refuses startup packets above this: its MAX_STARTUP_PACKET_LENGTH (10000) counts
+# the packet without its 4-byte length word.
+MAX_STARTUP_LENGTH = 10_004
 # Largest message PostgreSQL itself accepts (MaxAllocSize); anything above is garbage.
 MAX_MESSAGE_LENGTH = 0x3FFF_FFFF
 
@@ -94,7 +95,8 @@ class StartupReader:
             return None, b""
         (length,) = _unpack_i32(self._buf, 0)
         if length < 8 or length > MAX_STARTUP_LENGTH:
-            raise ProtocolError("invalid length of startup packet")
+            # Also where a typed message lands ("X\0\0\0\4" reads as a huge length).
+            raise ProtocolError("invalid length of startup packet", silent=True)
         if len(self._buf) < length:
             return None, b""
         packet = bytes(self._buf[:length])
@@ -106,8 +108,11 @@ class StartupReader:
 def parse_startup_packet(packet: bytes) -> StartupEvent:
     """Decode one complete untyped startup-phase packet (length included)."""
     if len(packet) < 8:
-        raise ProtocolError("invalid length of startup packet")
+        raise ProtocolError("invalid length of startup packet", silent=True)
     (code,) = _unpack_i32(packet, 4)
+    if code == CANCEL_REQUEST_CODE and len(packet) != 16:
+        # As PostgreSQL (ProcessStartupPacket): logged, closed without a word.
+        raise ProtocolError("invalid length of startup packet", silent=True)
     if code == SSL_REQUEST_CODE and len(packet) == 8:
         return SSLRequest()
     if code == GSSENC_REQUEST_CODE and len(packet) == 8:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..config import PoolConfig, Settings
 from ..control import stats
 from ..control.console import AdminSession
+from ..dataplane.clienttls import ClientTLS
 from ..dataplane.proxy import Proxy
 
 if TYPE_CHECKING:
@@ -17,7 +18,11 @@ if TYPE_CHECKING:
 
 
 def new_proxy(
-    settings: Settings, pools: Sequence[PoolConfig], *, worker: Worker | None = None
+    settings: Settings,
+    pools: Sequence[PoolConfig],
+    *,
+    worker: Worker | None = None,
+    client_tls: ClientTLS | None = None,
 ) -> Proxy:
     """A Proxy whose console logins get an AdminSession and whose pools are reported."""
     return Proxy(
@@ -26,6 +31,7 @@ def new_proxy(
         worker=worker,
         console=AdminSession,
         side_tasks=(stats.reporter,),
+        client_tls=client_tls,
     )
 
 

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .. import log
 from ..config import MAX_WORKERS, ConfigError, PoolConfig, Settings, Upstream, parse_workers
+from ..dataplane.clienttls import ClientTLS, load_client_tls
 from ..protocol import messages as m
 
 if TYPE_CHECKING:
@@ -527,11 +528,21 @@ def _describe(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def config_blob(settings: Settings, pools: Sequence[PoolConfig]) -> bytes:
-    """What a child reads on stdin: the validated totals, as JSON."""
+def config_blob(
+    settings: Settings, pools: Sequence[PoolConfig], client_tls: ClientTLS | None = None
+) -> bytes:
+    """What a child reads on stdin: the validated totals, as JSON, and the app-facing TLS
+    certificate and key worker 0 made or read (every worker serves the same one)."""
     return json.dumps(
         {
             "settings": dataclasses.asdict(settings),
+            "client_tls": None
+            if client_tls is None
+            else {
+                "cert": client_tls.cert_pem.decode(),
+                "key": client_tls.key_pem.decode(),
+                "source": client_tls.source,
+            },
             "pools": [
                 {
                     "name": p.name,
@@ -544,14 +555,18 @@ def config_blob(settings: Settings, pools: Sequence[PoolConfig]) -> bytes:
     ).encode()
 
 
-def read_config(blob: bytes) -> tuple[Settings, list[PoolConfig]]:
+def read_config(blob: bytes) -> tuple[Settings, list[PoolConfig], ClientTLS | None]:
     doc = json.loads(blob)
     settings = Settings(**doc["settings"])
     pools = [
         PoolConfig(name=p["name"], upstream=Upstream(**p["upstream"]), overrides=p["overrides"])
         for p in doc["pools"]
     ]
-    return settings, pools
+    tls = doc.get("client_tls")
+    client_tls = (
+        None if tls is None else ClientTLS(tls["cert"].encode(), tls["key"].encode(), tls["source"])
+    )
+    return settings, pools, client_tls
 
 
 async def _exited(proc: subprocess.Popen[bytes]) -> int:
@@ -595,9 +610,15 @@ async def _exited_in_thread(proc: subprocess.Popen[bytes]) -> int:
 class Supervisor(Worker):
     """Worker 0: also starts workers 1..N-1, restarts the ones that die, stops them all."""
 
-    def __init__(self, count: int, settings: Settings, pools: Sequence[PoolConfig]) -> None:
+    def __init__(
+        self,
+        count: int,
+        settings: Settings,
+        pools: Sequence[PoolConfig],
+        client_tls: ClientTLS | None = None,
+    ) -> None:
         super().__init__(0, count, ctl_dir="")
-        self._blob = config_blob(settings, pools)
+        self._blob = config_blob(settings, pools, client_tls)
         self._timeout = settings.shutdown_timeout
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._keepers: list[asyncio.Task[None]] = []
@@ -753,13 +774,16 @@ def make_proxy(settings: Settings, pools: Sequence[PoolConfig], count: int) -> P
     """Worker 0's proxy: exactly today's single proxy for one worker, else its share."""
     from .assemble import new_proxy
 
+    # Made (or read) once here: with several workers, the others get it from worker 0.
+    client_tls = load_client_tls(settings)
     if count <= 1:
-        return new_proxy(settings, pools)
+        return new_proxy(settings, pools, client_tls=client_tls)
     log.set_worker(0)
     return new_proxy(
         share_settings(settings, 0, count),
         [share_pool(p, 0, count) for p in pools],
-        worker=Supervisor(count, settings, pools),
+        worker=Supervisor(count, settings, pools, client_tls),
+        client_tls=client_tls,
     )
 
 
@@ -790,13 +814,14 @@ def child_main(argv: list[str]) -> int:
     if not _die_with(parent):
         logger.warning("worker_orphaned", parent=parent)
         return 1
-    settings, pools = read_config(sys.stdin.buffer.read())
+    settings, pools, client_tls = read_config(sys.stdin.buffer.read())
     unix_fd = int(args["unix-fd"])
     worker = Worker(index, count, args["ctl-dir"], None if unix_fd < 0 else unix_fd)
     proxy = new_proxy(
         share_settings(settings, index, count),
         [share_pool(p, index, count) for p in pools],
         worker=worker,
+        client_tls=client_tls,
     )
     try:
         run_loop(proxy.serve())
