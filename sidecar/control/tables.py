@@ -234,10 +234,10 @@ def _peer_pid(transport: asyncio.BaseTransport | None) -> int:
     return 0
 
 
-def _tls_text(server: ServerConn) -> str:
+def _tls_text(conn: ServerConn | ClientConn) -> str:
     """`TLSv1.3/TLS_AES_256_GCM_SHA384` like PgBouncer, or '' in clear."""
-    ssl_object = _extra(server.transport, "ssl_object")
-    if not server.tls or ssl_object is None:
+    ssl_object = _extra(conn.transport, "ssl_object")
+    if not conn.tls or ssl_object is None:
         return ""
     cipher = ssl_object.cipher()
     version = ssl_object.version() or "TLS"
@@ -548,7 +548,7 @@ class Console:
                     "ptr": _ptr(c),
                     "link": _ptr(c.server),
                     "remote_pid": _peer_pid(transport),
-                    "tls": "",
+                    "tls": _tls_text(c),
                     "application_name": c.params.get("application_name", ""),
                     "client_pid": c.pid,
                 }
