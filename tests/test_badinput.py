@@ -623,3 +623,62 @@ def test_error_without_sync_then_leaving_leaves_the_server_in_step(
             wire.send(data)
         next_client_prepares_and_gets_its_rows(proxy)
     assert_no_crash(proxy)
+
+
+# --- client_login_timeout -----------------------------------------------------------------------
+
+
+def _half_login(wire: PgWire, stage: str) -> None:
+    """Go as far as `stage` in a login, then fall silent (the socket stays open)."""
+    if stage == "connected":
+        return
+    if stage == "tls-handshake":
+        wire.send(m.ssl_request())
+        assert wire.recv_byte(10) == b"S"
+        return
+    wire.startup("app", "appdb")
+    typ, body = wire.recv(10)
+    assert typ == m.AUTHENTICATION and m.parse_auth_request(body)[0] == m.AUTH_SASL
+    if stage == "mid-scram":
+        # as node-postgres does on an empty password: it gives up half-way, socket open
+        scram = auth.ScramClient(APP_PASSWORD)
+        wire.send(m.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+        typ, body = wire.recv(10)
+        assert m.parse_auth_request(body)[0] == m.AUTH_SASL_CONTINUE
+
+
+@pytest.mark.parametrize(
+    ("stage", "state"),
+    [
+        ("connected", "startup"),
+        ("tls-handshake", "startup"),
+        ("sasl-offered", "auth"),
+        ("mid-scram", "auth"),
+    ],
+)
+def test_client_login_timeout_closes_a_half_login(
+    proxy_factory: ProxyFactory, stage: str, state: str
+) -> None:
+    """Not logged in SIDECAR_CLIENT_LOGIN_TIMEOUT after connecting: closed without a word (as
+    PostgreSQL on authentication_timeout), with the reason logged; a logged-in client idle for
+    longer is not touched."""
+    proxy = proxy_factory(SIDECAR_CLIENT_LOGIN_TIMEOUT="1")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as settled:
+        started = time.monotonic()
+        with PgWire.connect(proxy.host, proxy.port) as wire:
+            _half_login(wire, stage)
+            assert wire.until_closed(15) == []
+        assert time.monotonic() - started >= 1.0
+        poll_until(
+            lambda: f'reason="client_login_timeout (1s) in {state}"' in proxy.log_text(),
+            what="the reason logged",
+        )
+        assert settled.execute("select 1").fetchone() == (1,)
+    assert_no_crash(proxy)
+
+
+def test_client_login_timeout_from_pgbouncer_var(proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory(PGBOUNCER_CLIENT_LOGIN_TIMEOUT="1")
+    with PgWire.connect(proxy.host, proxy.port) as wire:
+        assert wire.until_closed(15) == []
+    poll_until(lambda: "client_login_timeout (1s)" in proxy.log_text(), what="the reason")

@@ -402,13 +402,15 @@ class ClientConn(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         reader = TLSReader(self)
+        timeout = self.proxy.settings.client_login_timeout
         try:
             new = await asyncio.get_running_loop().start_tls(
                 transport,
                 reader,
                 ctx,
                 server_side=True,
-                ssl_handshake_timeout=self.proxy.settings.client_login_timeout or None,
+                # Past the login timeout: that one closes it, with its reason.
+                ssl_handshake_timeout=timeout + 1 if timeout else None,
             )
         except Exception as exc:  # ssl.SSLError, ConnectionResetError, a handshake timeout
             if self.state is not C_CLOSED:
