@@ -312,6 +312,60 @@ def test_unix_style_urls_work_for_psql_psycopg_and_asyncpg(
     }
 
 
+# An app that connects through DATABASE_URL with every client and says, for each, whether its
+# own connection (app -> sidecar) is TLS; PGSSLMODE in its environment applies to all three.
+TLS_REPORT = r"""
+import asyncio, json, os, subprocess, sys
+import asyncpg, psycopg
+url = os.environ["DATABASE_URL"]
+psql = subprocess.run(["psql", url, "-Atc", r"\conninfo"], capture_output=True, text=True)
+with psycopg.connect(url) as conn:
+    via_psycopg = [conn.execute("select current_database()").fetchone()[0],
+                   conn.pgconn.ssl_in_use]
+async def via_asyncpg():
+    conn = await asyncpg.connect(url, statement_cache_size=0)
+    try:
+        return [await conn.fetchval("select current_database()"),
+                conn._transport.get_extra_info("ssl_object") is not None]
+    finally:
+        await conn.close()
+json.dump({"psql": psql.stdout + psql.stderr, "psycopg": via_psycopg,
+           "asyncpg": asyncio.run(via_asyncpg())}, open(sys.argv[1], "w"))
+"""
+
+
+def test_heroku_enhanced_certificate_url_and_pgsslmode_require(
+    launches: Launches, tmp_path: Path
+) -> None:
+    """Heroku's enhanced certificates put `sslmode=verify-full&sslrootcert=...` in
+    DATABASE_URL: that verification stays with the upstream side (the server's certificate
+    is checked against that root), the app's URL names the sidecar without it, and an app
+    that also sets PGSSLMODE=require gets TLS from the sidecar, with every driver."""
+    pg = launches.pg
+    upstream = pg.url(host="localhost", sslmode="verify-full", sslrootcert=str(pg.ca_file))
+    env = launches.env(DATABASE_URL=upstream, PGSSLMODE="require")
+    out, seen = tmp_path / "env.json", tmp_path / "tls.json"
+    res = launches.run(
+        "sh",
+        "-c",
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(DUMP_ENV)} {out} && "
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(TLS_REPORT)} {seen}",
+        env=env,
+    )
+    assert res.code == 0, res.out
+    app_env = json.loads(out.read_text())
+    assert "sslmode" not in app_env["DATABASE_URL"] and "sslrootcert" not in app_env["DATABASE_URL"]
+    assert app_env["DATABASE_URL_UPSTREAM"] == upstream
+    report = json.loads(seen.read_text())
+    assert "SSL connection (protocol: TLSv1." in report["psql"], report["psql"]
+    assert report["psycopg"] == ["appdb", True]
+    assert report["asyncpg"] == ["appdb", True]
+    [pool] = sidecar_lines(res.out, "pool")
+    assert "sslmode=verify-full" in pool, pool
+    # and the server side verified: a wrong root would have failed the start of every server
+    assert sidecar_lines(res.out, "server_connect"), res.out
+
+
 # -- disabled, config errors -----------------------------------------------------------------------
 
 
