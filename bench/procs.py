@@ -429,7 +429,14 @@ class PgBouncer(Pooler):
         """Protocol-level prepared statements in transaction mode came with 1.21."""
         return self.version >= (1, 21)
 
-    def start(self, pg: Postgres, pool_size: int, max_clients: int, sslmode: str) -> None:
+    def start(
+        self,
+        pg: Postgres,
+        pool_size: int,
+        max_clients: int,
+        sslmode: str,
+        client_tls: bool = False,
+    ) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         # The verifier, not the password: PgBouncer then authenticates clients and servers
         # (SCRAM pass-through) without a PBKDF2 per login, like the sidecar's cached secret.
@@ -455,6 +462,22 @@ class PgBouncer(Pooler):
         if self.supports_prepared:
             # 1.18 refuses to start with this line ("unknown parameter").
             settings["max_prepared_statements"] = 200
+        if client_tls:
+            # --client-tls: TLS for clients that ask, plaintext for the others (as the
+            # sidecar's default SIDECAR_CLIENT_TLS=allow), so one process serves both
+            # columns. An EC P-256 certificate, as the sidecar makes for itself.
+            run(
+                [
+                    "openssl", "req", "-x509", "-newkey", "ec",
+                    "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", self.base / "client.key", "-out", self.base / "client.crt",
+                    "-days", "2", "-subj", "/CN=localhost",
+                ]
+            )  # fmt: skip
+            (self.base / "client.key").chmod(0o600)
+            settings["client_tls_sslmode"] = "prefer"
+            settings["client_tls_cert_file"] = self.base / "client.crt"
+            settings["client_tls_key_file"] = self.base / "client.key"
         ini = self.base / "pgbouncer.ini"
         ini.write_text(
             f"[databases]\n{DBNAME} = host={HOST} port={pg.port} dbname={DBNAME}\n\n"

@@ -216,6 +216,37 @@ def baseline_text(cells: list[dict[str, Any]], ref: str) -> str:
     return "\n".join(lines)
 
 
+def client_tls_text(cells: list[dict[str, Any]]) -> str:
+    """Each pooler with clients in clear and over TLS (--client-tls), same rounds: tps and
+    the pooler's CPU per 10,000 transactions, and the sidecar against PgBouncer over TLS."""
+    lines = [
+        "client TLS (sslmode=require between pgbench and the pooler), median of rounds:",
+        f"{'workload':<12} {'clients':>7} {'pooler':<10} {'clear tps':>10} {'tls tps':>10}"
+        f" {'ratio':>6}   {'CPU s/10k tx clear':>18} {'tls':>7} {'ratio':>6}",
+    ]
+    for c in cells:
+        t = c["targets"]
+        for pooler in ("pgbouncer", "sidecar"):
+            clear, tls = t[pooler], t.get(f"{pooler}+tls")
+            if tls is None:
+                continue
+            lines.append(
+                f"{c['label']:<12} {c['clients']:>7} {pooler:<10}"
+                f" {_num(clear['median_tps']):>10} {_num(tls['median_tps']):>10}"
+                f" {_num(_ratio(tls['median_tps'], clear['median_tps']), '.2f'):>6}"
+                f"   {_num(clear['cpu_s_per_10k_tx'], '.3f'):>18}"
+                f" {_num(tls['cpu_s_per_10k_tx'], '.3f'):>7}"
+                f" {_num(_ratio(tls['cpu_s_per_10k_tx'], clear['cpu_s_per_10k_tx']), '.2f'):>6}"
+            )
+        sc, pgb = t.get("sidecar+tls"), t.get("pgbouncer+tls")
+        if sc is not None and pgb is not None:
+            lines.append(
+                f"{'':<12} {'':>7} {'sc/pgb tls':<10} {'':>10}"
+                f" {_num(_ratio(sc['median_tps'], pgb['median_tps']), '.2f'):>10}"
+            )
+    return "\n".join(lines)
+
+
 def extras_text(extras: dict[str, Any]) -> str:
     lines: list[str] = []
     for name, idle in extras.get("idle", {}).items():

@@ -229,8 +229,10 @@ class Bench:
     def targets(self) -> list[Target]:
         """A B C, in this order in every round.
 
-        Clients reach the poolers in clear (neither offers client TLS here); direct clients
-        use the sslmode the poolers use towards the server, so each path has one TLS leg.
+        Clients reach the poolers in clear; direct clients use the sslmode the poolers use
+        towards the server, so each path has one TLS leg. With --client-tls, two more
+        targets: the same two poolers with clients at sslmode=require (pgbench's PGSSLMODE),
+        interleaved with the rest in every round, so the cost of client TLS comes from one run.
         """
         targets = [
             Target("direct", self.pg.port, None, self.sslmode),
@@ -239,6 +241,11 @@ class Bench:
         ]
         if self.baseline is not None:
             targets.append(Target("baseline", self.baseline.port, self.baseline, "disable"))
+        if self.args.client_tls:
+            targets += [
+                Target("pgbouncer+tls", self.pgbouncer.port, self.pgbouncer, "require"),
+                Target("sidecar+tls", self.sidecar.port, self.sidecar, "require"),
+            ]
         return targets
 
     def unsupported(self, workload: str, target: Target) -> str | None:
@@ -276,7 +283,7 @@ class Bench:
                 DBNAME,
             )
         max_conn = max(20000, a.idle_clients + 1000)
-        self.pgbouncer.start(self.pg, a.pool_size, max_conn, self.sslmode)
+        self.pgbouncer.start(self.pg, a.pool_size, max_conn, self.sslmode, a.client_tls)
         self.sidecar.start(self.pg, a.pool_size, max_conn, self.sslmode)
         if self.baseline is not None:
             self.baseline.start(self.pg, a.pool_size, max_conn, self.sslmode)
@@ -327,6 +334,10 @@ class Bench:
     def warm_up(self) -> None:
         clients = min(50, max(self.args.clients, default=1))
         secs = 1 if self.args.quick else 2
+        if self.args.client_tls:
+            # 50 TLS handshakes and SCRAM logins at once take pgbench itself over a second
+            # on a small machine: too little of a 2 s run would be left for a tps figure.
+            secs = 4
         log(f"warm-up: -S simple, {clients} clients, {secs} s per target (not recorded)")
         for target in self.targets():
             result = self.one_run("simple", clients, target, secs)
@@ -479,7 +490,7 @@ class Bench:
 
 
 def _run_line(workload: str, clients: int, rnd: int, name: str, r: Run) -> str:
-    what = f"{WORKLOADS[workload][0]:<11} {clients:>3} cl  round {rnd}  {name:<9}"
+    what = f"{WORKLOADS[workload][0]:<11} {clients:>3} cl  round {rnd}  {name:<13}"
     if r.error:
         return f"{what}  n/a: {r.error}"
     cpu = f"  pooler cpu {r.pooler_cpu_s:.2f} s" if r.pooler_cpu_s is not None else ""
@@ -564,6 +575,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated subset of: {','.join(WORKLOADS)},{','.join(EXTRAS)} (default all)",
     )
     p.add_argument("--tls", action="store_true", help="sslmode=require to PostgreSQL (all targets)")
+    p.add_argument(
+        "--client-tls",
+        action="store_true",
+        help="also run both poolers with clients at sslmode=require (targets pgbouncer+tls,\n"
+        "sidecar+tls, interleaved): the cost of TLS between app and pooler",
+    )
     p.add_argument("--pool-size", type=int, default=20, help="server connections per pooler")
     p.add_argument(
         "--workers", type=int, default=1, help="SIDECAR_WORKERS for the sidecar (default 1)"
@@ -649,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "scale": args.scale,
             "server_sslmode": bench.sslmode,
+            "client_tls": args.client_tls,
             "pgbench_threads": "min(clients, 4)",
             "fd_limit": fd_limit,
             "loadavg_start": load_start,
@@ -672,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         if simple50:
             extras["cpu"] = {
                 name: simple50["targets"][name]["cpu_s_per_10k_tx"]
-                for name in ("pgbouncer", "sidecar", "baseline")
+                for name in ("pgbouncer", "sidecar", "baseline", "pgbouncer+tls", "sidecar+tls")
                 if name in simple50["targets"]
             }
         checks = report.check_targets(cells, extras)
@@ -695,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
             log(report.table(cells) + "\n")
             if args.baseline:
                 log(report.baseline_text(cells, args.baseline) + "\n")
+            if args.client_tls:
+                log(report.client_tls_text(cells) + "\n")
         if extras:
             log(report.extras_text(extras) + "\n")
         log("Targets:")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import PGBOUNCER_FALLBACKS, Settings
+from sidecar.config import PGBOUNCER_FALLBACKS, PGBOUNCER_RENAMED, Settings
 from sidecar.control.tables import RELOADABLE
 from sidecar.yamlconfig import POOL_KEYS
 
@@ -74,6 +74,11 @@ def settings_table() -> dict[str, dict[str, str]]:
     return rows
 
 
+#: PgBouncer names that differ from ours (PGBOUNCER_CLIENT_TLS_SSLMODE -> SIDECAR_CLIENT_TLS):
+#: a twin all the same, named in its row's meaning.
+RENAMED_TWINS = {pg: f"SIDECAR_{field.upper()}" for field, (pg, _) in PGBOUNCER_RENAMED.items()}
+
+
 def known_variables() -> set[str]:
     """Every environment variable the sidecar reads: one per Settings field, their PGBOUNCER_*
     twins are columns of the same rows, and what the code reads by name outside Settings."""
@@ -81,7 +86,9 @@ def known_variables() -> set[str]:
     for source in ENV_SOURCES:
         for quoted, expanded in ENV_NAME.findall(source.read_text()):
             name = quoted or expanded
-            if name.startswith("PGBOUNCER_"):
+            if name in RENAMED_TWINS:
+                name = RENAMED_TWINS[name]
+            elif name.startswith("PGBOUNCER_"):
                 # A twin: documented in its SIDECAR_* row's "PgBouncer twin" column.
                 name = "SIDECAR_" + name.removeprefix("PGBOUNCER_")
             names.add(name)
@@ -107,7 +114,10 @@ def _flag(row: dict[str, str], column: str) -> bool:
 @pytest.mark.parametrize("field", dataclasses.fields(Settings), ids=lambda f: f.name)
 def test_configuration_row_matches_the_code(field: dataclasses.Field[object]) -> None:
     row = settings_table()[f"SIDECAR_{field.name.upper()}"]
-    assert _flag(row, "PgBouncer twin") == (field.name in PGBOUNCER_FALLBACKS)
+    twin = field.name in PGBOUNCER_FALLBACKS or field.name in PGBOUNCER_RENAMED
+    assert _flag(row, "PgBouncer twin") == twin
+    if field.name in PGBOUNCER_RENAMED:
+        assert f"`{PGBOUNCER_RENAMED[field.name][0]}`" in row["meaning"], "twin's name"
     assert _flag(row, "sidecar.yml") == (field.name in POOL_KEYS)
     assert _flag(row, "RELOAD") == (field.name in RELOADABLE)
     assert row["meaning"], "no meaning"

@@ -60,7 +60,7 @@ RELOADABLE_POOL = frozenset(
         "log_disconnections",
     }
 )
-RELOADABLE = RELOADABLE_POOL | {"max_client_conn", "shutdown_timeout"}
+RELOADABLE = RELOADABLE_POOL | {"max_client_conn", "shutdown_timeout", "client_login_timeout"}
 
 _SECRET_WORDS = ("password", "secret", "token")
 
