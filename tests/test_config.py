@@ -228,3 +228,34 @@ def test_config_path(tmp_path: Path) -> None:
     assert config_path({"SIDECAR_CONFIG": "conf/pool.yml"}, tmp_path) == tmp_path / "conf/pool.yml"
     with pytest.raises(ConfigError, match=r"^SIDECAR_CONFIG 'conf/nope\.yml' is not a file$"):
         config_path({"SIDECAR_CONFIG": "conf/nope.yml"}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("pgbouncer", "ours"),
+    [
+        ("disable", "off"),
+        ("allow", "allow"),
+        ("prefer", "allow"),
+        ("require", "require"),
+        ("verify-ca", "require"),
+        ("verify-full", "require"),
+    ],
+)
+def test_pgbouncer_client_tls_sslmode_maps_onto_client_tls(pgbouncer: str, ours: str) -> None:
+    settings, used = load_settings({"PGBOUNCER_CLIENT_TLS_SSLMODE": pgbouncer})
+    assert settings.client_tls == ours
+    assert used == ["PGBOUNCER_CLIENT_TLS_SSLMODE"]
+    # SIDECAR_* wins, and is not reported as a fallback
+    settings, used = load_settings(
+        {"PGBOUNCER_CLIENT_TLS_SSLMODE": pgbouncer, "SIDECAR_CLIENT_TLS": "off"}
+    )
+    assert (settings.client_tls, used) == ("off", [])
+
+
+def test_client_tls_defaults_and_login_timeout_fallback() -> None:
+    settings, _ = load_settings({})
+    assert (settings.client_tls, settings.client_login_timeout) == ("allow", 60.0)
+    settings, used = load_settings({"PGBOUNCER_CLIENT_LOGIN_TIMEOUT": "15"})
+    assert (settings.client_login_timeout, used) == (15.0, ["PGBOUNCER_CLIENT_LOGIN_TIMEOUT"])
+    with pytest.raises(ConfigError, match="SIDECAR_CLIENT_TLS_CERT is set but"):
+        load_settings({"SIDECAR_CLIENT_TLS_CERT": "/etc/hostname"})
