@@ -682,3 +682,15 @@ def test_client_login_timeout_from_pgbouncer_var(proxy_factory: ProxyFactory) ->
     with PgWire.connect(proxy.host, proxy.port) as wire:
         assert wire.until_closed(15) == []
     poll_until(lambda: "client_login_timeout (1s)" in proxy.log_text(), what="the reason")
+
+
+def test_incomplete_startup_packet_is_logged(proxy: ProxyProcess) -> None:
+    """Gone half-way through its first packet: PostgreSQL logs "incomplete startup packet"."""
+    packet = m.startup_message({"user": "app", "database": "appdb"})
+    with PgWire.connect(proxy.host, proxy.port) as wire:
+        wire.send(packet[:10])
+    poll_until(lambda: 'reason="incomplete startup packet"' in proxy.log_text(), what="the reason")
+    # and a port probe (connect, close) is still not logged
+    with socket.create_connection((proxy.host, proxy.port), 10):
+        pass
+    assert proxy.log_text().count("at=disconnect") == 1

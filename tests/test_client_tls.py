@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import ssl
 import struct
@@ -304,3 +305,19 @@ def test_a_mismatched_pair_is_a_config_error(pg: PostgresServer, tmp_path: Path)
         load_settings(
             {"SIDECAR_CLIENT_TLS_CERT": str(cert), "SIDECAR_CLIENT_TLS_KEY": str(other_key)}
         )
+
+
+def test_shutdown_mid_handshake_sends_nothing_in_clear(proxy_factory: ProxyFactory) -> None:
+    """A client still in its TLS handshake when the drain ends is closed without a plaintext
+    ErrorResponse thrown into the TLS stream it expects."""
+    proxy = proxy_factory(SIDECAR_SHUTDOWN_TIMEOUT="0.5")
+    with socket.create_connection((proxy.host, proxy.port), 10) as sock:
+        sock.settimeout(20)
+        sock.sendall(m.ssl_request())
+        assert sock.recv(1) == b"S"
+        proxy.proc.send_signal(signal.SIGTERM)
+        rest = b""
+        while chunk := sock.recv(4096):
+            rest += chunk
+    assert rest == b"", rest
+    assert proxy.proc.wait(20) == 0

@@ -394,10 +394,16 @@ BAD_LAYOUTS = {
     "pair after an empty name": V3 + b"user\x00bob\x00\x00x\x00\x00",
     "invalid UTF-8 in a value": V3 + b"user\x00b\xffb\x00\x00",
     "invalid UTF-8 in a name": V3 + b"user\x00bob\x00\xc3\x28\x00v\x00\x00",
-    "SSLRequest code, wrong length": i32(80877103) + b"\x00\x00\x00\x00",
-    "GSSENCRequest code, wrong length": i32(80877104) + b"\x00",
     "CancelRequest code, wrong length": i32(80877102) + i32(1),
 }
+
+
+def test_ssl_and_gssenc_requests_of_any_length_are_requests() -> None:
+    # PostgreSQL 15 answers them ("S", "G"/"N") whatever the length; the rest is dropped.
+    assert m.parse_startup_packet(startup_packet(i32(80877103) + b"\x00" * 4)) == m.SSLRequest()
+    assert m.parse_startup_packet(startup_packet(i32(80877104) + b"\x00")) == m.GSSENCRequest()
+    reader = m.StartupReader()
+    assert reader.feed(startup_packet(i32(80877103) + b"xy") + b"rest") == (m.SSLRequest(), b"rest")
 
 
 @pytest.mark.parametrize("body", BAD_LAYOUTS.values(), ids=BAD_LAYOUTS.keys())

@@ -141,6 +141,7 @@ class ClientConn(asyncio.Protocol):
 
     # Slots: no per-instance dict (10,000 idle clients), faster attribute access.
     __slots__ = (
+        "_handshaking",
         "_md5_salt",
         "_negotiated",
         "_paused",
@@ -190,6 +191,8 @@ class ClientConn(asyncio.Protocol):
         self._tcp = False
         #: The connection is encrypted (after an SSLRequest answered "S" and a handshake).
         self.tls = False
+        #: Between that "S" and the handshake's end: nothing may be written in clear.
+        self._handshaking = False
         # What this client's session should look like on any server: reported params and SETs.
         self.params: dict[str, str] = {}
         #: `params` holds every parameter a server reports too (see Pool._link).
@@ -252,7 +255,12 @@ class ClientConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is not C_CLOSED:
-            self._gone(_CLIENT_CLOSED)
+            startup = self._startup
+            if self.state is C_STARTUP and startup is not None and startup.pending():
+                # As PostgreSQL, which logs it: a client gone in the middle of its first packet.
+                self._gone("incomplete startup packet")
+            else:
+                self._gone(_CLIENT_CLOSED)
 
     def pause_writing(self) -> None:
         # The client reads slower than the server sends: stop reading the server (bounded memory).
@@ -382,6 +390,7 @@ class ClientConn(asyncio.Protocol):
                     # them ("received unencrypted data after SSL request", CVE-2021-23214).
                     self.close("received unencrypted data after SSL request")
                     return
+                self._handshaking = True
                 self.proxy.spawn(self._start_tls(self.proxy.client_tls_ctx))
                 return
             # GSSAPI, TLS turned off, or a Unix socket (PostgreSQL answers "N" there too;
@@ -413,10 +422,12 @@ class ClientConn(asyncio.Protocol):
                 ssl_handshake_timeout=timeout + 1 if timeout else None,
             )
         except Exception as exc:  # ssl.SSLError, ConnectionResetError, a handshake timeout
+            self._handshaking = False
             if self.state is not C_CLOSED:
                 why = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
                 self.close(f"TLS handshake failed: {why}")
             return
+        self._handshaking = False
         if new is None or self.state is C_CLOSED:  # closed meanwhile (login timeout, shutdown)
             if new is not None:
                 new.close()
@@ -585,7 +596,11 @@ class ClientConn(asyncio.Protocol):
         """Send a FATAL error and close; the reason goes to the log."""
         if self.pool is not None:
             self.pool.stats.errors += 1
-        if self.transport is not None and not self.transport.is_closing():
+        if (
+            self.transport is not None
+            and not self.transport.is_closing()
+            and not self._handshaking  # in clear, into a TLS handshake: only noise to it
+        ):
             self.transport.write(m.fatal(sqlstate, text))
         self.close(reason)
 

@@ -88,6 +88,10 @@ class StartupReader:
     def __init__(self) -> None:
         self._buf = bytearray()
 
+    def pending(self) -> bool:
+        """Part of a packet has come, not all of it."""
+        return bool(self._buf)
+
     def feed(self, data: bytes) -> tuple[StartupEvent | None, bytes]:
         """Add bytes; return (event or None if incomplete, bytes left over after the packet)."""
         self._buf += data
@@ -113,9 +117,11 @@ def parse_startup_packet(packet: bytes) -> StartupEvent:
     if code == CANCEL_REQUEST_CODE and len(packet) != 16:
         # As PostgreSQL (ProcessStartupPacket): logged, closed without a word.
         raise ProtocolError("invalid length of startup packet", silent=True)
-    if code == SSL_REQUEST_CODE and len(packet) == 8:
+    # As PostgreSQL: these two are answered whatever their length (the rest is read and
+    # dropped); only a CancelRequest must have its exact size.
+    if code == SSL_REQUEST_CODE:
         return SSLRequest()
-    if code == GSSENC_REQUEST_CODE and len(packet) == 8:
+    if code == GSSENC_REQUEST_CODE:
         return GSSENCRequest()
     if code == CANCEL_REQUEST_CODE and len(packet) == 16:
         pid, secret = struct.unpack_from("!ii", packet, 8)
