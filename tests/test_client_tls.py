@@ -269,6 +269,11 @@ def test_verify_full_against_the_generated_certificate_is_a_clear_error(
     assert "certificate verify failed" in res.stderr, res.stderr
     with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
         psycopg.connect(proxy.dsn(sslmode="verify-full", sslrootcert=str(pg.ca_file)))
+    # and the sidecar's log says why, for whoever reads it rather than the app's
+    poll_until(
+        lambda: 'reason="TLS handshake failed: TLSV1_ALERT_UNKNOWN_CA"' in proxy.log_text(),
+        what="the handshake failure logged",
+    )
 
 
 @pytest.mark.parametrize(
