@@ -167,7 +167,9 @@ class Proxy:
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.shutdown_timeout
-        while self.clients and time.monotonic() < deadline:
+        # Only logged-in clients are waited for: one still in its startup, TLS handshake or
+        # SCRAM exchange has no work in flight, and must not hold the exit for the timeout.
+        while len(self.clients) > len(self.unauthenticated) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for client in list(self.clients):
             client.fail(
