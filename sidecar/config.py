@@ -25,6 +25,16 @@ AUTH_TYPES = ("scram-sha-256", "md5")
 URL_STYLES = ("tcp", "unix")
 #: SIDECAR_CLIENT_TLS: answer an app's SSLRequest with TLS (allow), never (off), or insist.
 CLIENT_TLS_MODES = ("allow", "off", "require")
+#: libpq's target_session_attrs values, and `auto` (see upstream/roles.py).
+TARGET_SESSION_ATTRS = (
+    "auto",
+    "any",
+    "read-write",
+    "primary",
+    "read-only",
+    "standby",
+    "prefer-standby",
+)
 #: Most proxy processes SIDECAR_WORKERS may ask for (a performance dyno has at most 8 cores).
 MAX_WORKERS = 64
 
@@ -69,6 +79,8 @@ class Upstream:
     dbname: str
     sslmode: str | None = None  # from the URL; None means "use SIDECAR_SERVER_TLS_SSLMODE"
     sslrootcert: str | None = None
+    #: From the URL; None means "use SIDECAR_TARGET_SESSION_ATTRS" (the URL wins).
+    target_session_attrs: str | None = None
     params: dict[str, str] = field(default_factory=dict)  # startup params for the server
 
     def redacted(self) -> str:
@@ -103,6 +115,12 @@ def parse_url(url: str, what: str = "URL") -> Upstream:
     sslmode = query.get("sslmode")
     if sslmode is not None and sslmode not in SSLMODES:
         raise ConfigError(f"{what} has an invalid sslmode {sslmode!r}")
+    target = query.get("target_session_attrs")
+    if target is not None and target not in TARGET_SESSION_ATTRS:
+        raise ConfigError(
+            f"{what} has an invalid target_session_attrs {target!r}"
+            f" (one of {', '.join(TARGET_SESSION_ATTRS)})"
+        )
     params = {k: v for k, v in query.items() if k not in _LIBPQ_CONNECTION_KEYS}
     return Upstream(
         host=host,
@@ -112,6 +130,7 @@ def parse_url(url: str, what: str = "URL") -> Upstream:
         dbname=dbname,
         sslmode=sslmode,
         sslrootcert=query.get("sslrootcert"),
+        target_session_attrs=target,
         params=params,
     )
 
@@ -187,6 +206,13 @@ class Settings:
     dns_min_interval: float = 1.0
     #: An address missing from DNS answers this long is dropped once it also fails a check.
     dns_forget_after: float = 120.0
+    #: Which instances a pool's servers go to, in libpq's words; `auto`: a leader pool
+    #: (read-write) or a follower pool (prefer-standby) by what the first instance reports.
+    target_session_attrs: str = "auto"
+    #: A standby lagging more seconds than this serves no new transactions (0 = off).
+    max_replica_lag: float = 0.0
+    #: How often each instance's role (leader pools on a DNS name) and lag are checked.
+    lag_check_interval: float = 5.0
     url_style: str = "tcp"  # how the launcher exports URLs to the app: tcp or unix
     #: Proxy processes: a number, or "auto" for the CPUs this process may use (workers.py).
     workers: str = "1"
@@ -311,6 +337,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError(
             f"SIDECAR_SERVER_TLS_SSLMODE must be one of {', '.join(SSLMODES)}, "
             f"got {s.server_tls_sslmode!r}"
+        )
+    if s.target_session_attrs not in TARGET_SESSION_ATTRS:
+        raise ConfigError(
+            f"SIDECAR_TARGET_SESSION_ATTRS must be one of {', '.join(TARGET_SESSION_ATTRS)},"
+            f" got {s.target_session_attrs!r}"
         )
     if s.url_style not in URL_STYLES:
         raise ConfigError(f"SIDECAR_URL_STYLE must be tcp or unix, got {s.url_style!r}")

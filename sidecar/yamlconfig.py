@@ -26,6 +26,7 @@ import yaml
 from .config import (
     POOL_MODES,
     SSLMODES,
+    TARGET_SESSION_ATTRS,
     ConfigError,
     PoolConfig,
     Settings,
@@ -51,10 +52,17 @@ POOL_KEYS = (
     "server_tls_ca_file",
     "max_prepared_statements",
     "max_per_instance",
+    "target_session_attrs",
+    "max_replica_lag",
+    "lag_check_interval",
 )
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
-_CHOICES = {"pool_mode": POOL_MODES, "server_tls_sslmode": SSLMODES}
+_CHOICES = {
+    "pool_mode": POOL_MODES,
+    "server_tls_sslmode": SSLMODES,
+    "target_session_attrs": TARGET_SESSION_ATTRS,
+}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -135,7 +135,7 @@ OWN_COLUMNS = {
     "clients": ["client_pid"],
     "servers": ["pending"],
     "databases": ["current_client_connections", "server_lifetime"],
-    "instances": ["last_seen_age", "failures", "connect_ms"],
+    "instances": ["last_seen_age", "failures", "connect_ms", "role", "lag_s"],
 }
 
 

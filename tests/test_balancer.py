@@ -440,5 +440,8 @@ def test_snapshot_rows() -> None:
         "connect_failures": 0,
         "connect_ms": None,
         "last_error": None,
+        "hot_standby": None,
+        "read_only": None,
+        "lag_s": None,
     }
     assert rows[1]["state"] == "quarantined" and rows[1]["last_error"] == "refused"

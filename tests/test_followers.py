@@ -784,11 +784,12 @@ async def test_instance_stats_lines_match_the_instances(
         assert float(line["sample#connect_ms"]) > 0
         assert line["count#connect_failures"] == "0"
         assert "last_error" not in line, addr
+        assert line["role"] == "standby"
     text = proxy.log_text()
     assert re.search(
         rf"^sidecar at=instance pool=appdb instance={re.escape(F1)} state=up"
         rf" sample#servers={cap} sample#cap={cap} sample#connect_ms=[0-9.]+"
-        r" count#connect_failures=0$",
+        r" count#connect_failures=0 role=standby$",
         text,
         re.MULTILINE,
     ), text[-3000:]

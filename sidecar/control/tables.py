@@ -31,6 +31,7 @@ from ..protocol.errors import (
     SYNTAX_ERROR,
 )
 from ..protocol.rows import FLOAT8, INT8, TEXT, Column
+from ..upstream.roles import role_name
 from .commands import EMPTY_PLAN, AdminError, Plan, Result, Row, RunResult, Token, tokenize
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ CONFIG_COLUMNS = _columns("key value default changeable")
 VERSION_COLUMNS = _columns("version")
 INSTANCES_COLUMNS = _columns(
     "pool addr port:int8 state servers:int8 cap:int8 last_seen last_error"
-    " last_seen_age:float8 failures:int8 connect_ms:float8"
+    " last_seen_age:float8 failures:int8 connect_ms:float8 role lag_s:float8"
 )
 LISTS_COLUMNS = _columns("list items:int8")
 WORKERS_COLUMNS = _columns("worker:int8 workers:int8 pid:int8")
@@ -664,6 +665,8 @@ class Console:
                         "last_seen_age": None,
                         "failures": 0,
                         "connect_ms": None,
+                        "role": None,
+                        "lag_s": None,
                     }
                 )
         return rows
@@ -812,6 +815,13 @@ class Console:
         return Result("RELOAD", notices=tuple(notices))
 
 
+def _role_text(inst: dict[str, object]) -> str | None:
+    hot = inst.get("hot_standby")
+    if hot is None:
+        return None
+    return role_name(bool(hot), bool(inst.get("read_only")))
+
+
 def _instance_row(pool: str, inst: dict[str, object], cap: int) -> Row:
     def num(key: str) -> float | None:
         value = inst.get(key)
@@ -838,6 +848,8 @@ def _instance_row(pool: str, inst: dict[str, object], cap: int) -> Row:
         "failures": int(num("failures") or 0),
         "connect_ms": num("connect_ms"),
         "last_error": None if error is None else str(error),
+        "role": _role_text(inst),
+        "lag_s": num("lag_s"),
     }
 
 

@@ -29,6 +29,7 @@ from ..protocol.errors import (
 )
 from ..protocol.frontend import PIN_FLAGS, Q_DISCARD, Q_SET, single_request
 from ..protocol.statements import Registry
+from ..upstream import roles as r
 from ..upstream.balancer import Instance, InstanceSet, InstanceState
 from ..upstream.instances import Discovery
 from .client import (
@@ -98,6 +99,10 @@ PIN_CHECK_REASONS = (
 )
 
 
+# While no instance matches the pool's target_session_attrs, a client waits this long (one
+# Heroku DNS TTL: time for a failover to show) before it gets the reason as an 08001 error.
+ROLE_WAIT = 5.0
+
 # A client waiting longer than this for a server is worth a warning line.
 SLOW_WAIT = 1.0
 WARN_EVERY = 10.0
@@ -143,6 +148,13 @@ class Pool:
         self.discovery = Discovery(
             up.host, up.port, settings, self.instances, on_change=self._instances_changed
         )
+        # Instance roles against the target (the URL's target_session_attrs wins).
+        self.roles = r.Roles(
+            up.target_session_attrs or settings.target_session_attrs, settings.max_replica_lag
+        )
+        self.discovery.on_addrs = self._dns_answer
+        #: One server per LAGGING instance, held (ACTIVE, no client) for its next lag check.
+        self.parked: dict[str, ServerConn] = {}
         self._rng = random.Random()
         #: Idle-or-releasing servers to retire per instance address (rebalancing plan).
         self._excess: dict[str, int] = {}
@@ -679,6 +691,11 @@ class Pool:
                 inst, ServerError(SQLCLIENT_UNABLE_TO_ESTABLISH, str(exc), retryable=True)
             )
             return
+        role = r.role_from_params(server.params)
+        if role is None:
+            role = await self._ask_role(inst, server)
+            if role is None:
+                return
         now = time.monotonic()
         # Counted by `connecting` and inst.servers while opening; from here _move keeps books.
         server.instance = inst
@@ -686,6 +703,13 @@ class Pool:
         self.instances.success(inst, now, 1000.0 * (now - started))
         if before is InstanceState.QUARANTINED:
             logger.info("instance_up", pool=self.name, instance=inst.addr)
+        self._role_learned(inst, self.roles.observe(inst, *role, now, self._rng), "login")
+        if inst.state is InstanceState.WRONG_ROLE:
+            self.close_server(server, f"instance role {inst.last_error}")
+            self._fill()
+            return
+        if self._follow_dns():
+            self._instances_changed()
         self.last_error = None
         if self.defaults is None:
             self.defaults = {k: v for k, v in server.params.items()}
@@ -701,7 +725,192 @@ class Pool:
             logins, self.logins = self.logins, []
             for client in logins:
                 client.finish_login()
+        if inst.state is InstanceState.LAGGING and inst.addr not in self.parked:
+            self._move(server, S_ACTIVE)  # held for the lag check: no client gets it
+            self.parked[inst.addr] = server
+            return
         self._release(server)
+
+    async def _ask_role(self, inst: Instance, server: ServerConn) -> tuple[bool, bool] | None:
+        """Before PostgreSQL 14 the role is not reported at login: one query."""
+        try:
+            error, rows = await server.query_internal(r.ROLE_QUERY)
+        except ServerError as exc:
+            self._connect_failed(inst, exc)
+            return None
+        if error is not None or not rows:
+            server.close_transport()
+            self._connect_failed(
+                inst,
+                ServerError(
+                    SQLCLIENT_UNABLE_TO_ESTABLISH,
+                    f"role query failed: {error and error.get('M')}",
+                    retryable=True,
+                ),
+            )
+            return None
+        return bool(r.truthy(rows[0][0])), bool(r.truthy(rows[0][1]))
+
+    # -- roles -----------------------------------------------------------------------------------
+
+    def _role_learned(self, inst: Instance, change: r.Change, source: str) -> None:
+        """Log what a role observation changed; replan when an instance left or came back."""
+        if change is r.Change.NONE:
+            return
+        if change is r.Change.RESOLVED:
+            logger.info(
+                "pool",
+                pool=self.name,
+                target=self.roles.target,
+                role=self.roles.pool_role,
+                instance=inst.addr,
+                instance_role=r.role_name(inst.hot_standby, inst.read_only),
+            )
+            if inst.state is not InstanceState.WRONG_ROLE:
+                return
+        if inst.state is InstanceState.WRONG_ROLE:
+            logger.warning(
+                "instance_wrong_role",
+                pool=self.name,
+                instance=inst.addr,
+                role=r.role_name(inst.hot_standby, inst.read_only),
+                target=self.roles.target,
+                servers=inst.servers,
+                source=source,
+                retry_in_s=round(max(inst.recheck_at - time.monotonic(), 0.0), 1),
+            )
+            if self.roles.none_match(self.instances):
+                self.discovery.request_refresh()
+        else:
+            logger.info(
+                "instance_role_ok",
+                pool=self.name,
+                instance=inst.addr,
+                role=r.role_name(inst.hot_standby, inst.read_only),
+                target=self.roles.target,
+                source=source,
+            )
+        self._follow_dns()
+        self._instances_changed()
+
+    def _dns_answer(self, addrs: list[str]) -> list[Instance]:
+        self.roles.answered(self.instances, addrs)
+        return self.roles.follow_dns(self.instances)
+
+    def _follow_dns(self) -> bool:
+        """A leader pool whose newest DNS address proved itself: retire the superseded ones.
+        True if one was."""
+        retired = self.roles.follow_dns(self.instances)
+        for inst in retired:
+            logger.info(
+                f"instance_{inst.state.name.lower()}",
+                pool=self.name,
+                instance=inst.addr,
+                servers=inst.servers,
+                reason="no longer in DNS; the address DNS names is the leader",
+            )
+        return bool(retired)
+
+    def role_reported(self, server: ServerConn, name: str, value: str) -> None:
+        """A server reported a new in_hot_standby, or a default_transaction_read_only its
+        client did not set (promotion, demotion, ALTER SYSTEM + reload): re-judge the role."""
+        inst = server.instance
+        if inst is None or inst.hot_standby is None:
+            return
+        hot, read_only = inst.hot_standby, bool(inst.read_only)
+        if name == "in_hot_standby":
+            hot = bool(r.truthy(value))
+        else:
+            read_only = bool(r.truthy(value))
+        if (hot, read_only) == (inst.hot_standby, inst.read_only):
+            return
+        change = self.roles.observe(inst, hot, read_only, time.monotonic(), self._rng)
+        self._role_learned(inst, change, "reported")
+
+    def _check_roles(self, now: float) -> None:
+        """Janitor: role re-checks by login, periodic role/lag checks on idle servers, and
+        clients failed when no instance has the target role."""
+        room = self._limit(now) - self.size
+        for inst in self.roles.recheck_due(self.instances, now):
+            if room <= 0 or self.paused:
+                inst.trial = False
+                continue
+            room -= 1
+            inst.servers += 1
+            self.connecting += 1
+            self._spawn(self._connect(inst))
+        for inst in self.roles.check_due(self.instances, now, self.settings.lag_check_interval):
+            server = self.parked.pop(inst.addr, None)
+            if server is None or server.state is not S_ACTIVE:
+                server = next((s for s in reversed(self.idle) if s.instance is inst), None)
+                if server is None:
+                    if inst.state is InstanceState.LAGGING and not inst.servers and room > 0:
+                        # Its servers are gone: a new one to measure it (parked by _connect).
+                        room -= 1
+                        inst.servers += 1
+                        self.connecting += 1
+                        inst.role_checked = now
+                        self._spawn(self._connect(inst))
+                    continue
+                self._move(server, S_ACTIVE)
+            inst.checking = True
+            self._spawn(self._check(inst, server))
+        if (self.waiters or self.logins) and self.roles.none_match(self.instances):
+            reason = self.roles.mismatch_reason(self.instances)
+            for client in [*self.waiters, *self.logins]:
+                if now - client.wait_started >= ROLE_WAIT:
+                    client.fail(
+                        SQLCLIENT_UNABLE_TO_ESTABLISH, reason, reason="no server with the role"
+                    )
+
+    async def _check(self, inst: Instance, server: ServerConn) -> None:
+        """One role/lag check on a server taken from idle (or parked): then back, or kept
+        parked while its instance lags, or closed if its role is wrong."""
+        last_used = server.last_used
+        try:
+            error, rows = await server.query_internal(r.CHECK_QUERY)
+        except ServerError:
+            return  # connection_lost (or the stall timeout) closed it
+        finally:
+            inst.checking = False
+        if server.state is not S_ACTIVE:
+            return
+        if error is not None or not rows or server.tx_status != _I:
+            self.close_server(server, f"role check failed: {error and error.get('M')}")
+            return
+        now = time.monotonic()
+        hot, read_only, lag = r.parse_check(rows[0])
+        inst.role_checked = now
+        self._role_learned(inst, self.roles.observe(inst, hot, read_only, now, self._rng), "check")
+        changed = self.roles.lag(self.instances, inst, lag if hot else None)
+        for other in changed:
+            lagging = other.state is InstanceState.LAGGING
+            logger.info(
+                "instance_lagging" if lagging else "instance_caught_up",
+                pool=self.name,
+                instance=other.addr,
+                lag_s=None if other.lag_s is None else round(other.lag_s, 1),
+                max_lag_s=self.roles.max_lag,
+            )
+        if self.roles.all_lagging(self.instances) and self._may_warn("all_lagging", now):
+            logger.warning(
+                "all_instances_lagging",
+                pool=self.name,
+                max_lag_s=self.roles.max_lag,
+                serving=",".join(i.addr for i in self.instances if i.state is InstanceState.UP),
+            )
+        if changed:
+            self._rebalance()  # the new plan first: an instance caught up keeps its servers
+        if inst.state is InstanceState.WRONG_ROLE:
+            self.close_server(server, f"instance role {inst.last_error}")
+        elif inst.state is InstanceState.LAGGING and inst.addr not in self.parked:
+            self.parked[inst.addr] = server
+        else:
+            self._release(server)
+            if server.state is S_IDLE:
+                server.last_used = last_used  # a check is not use: idle timeouts still apply
+        if changed:
+            self._fill()
 
     def _connect_failed(self, inst: Instance, exc: ServerError) -> None:
         self.connecting -= 1
@@ -765,6 +974,12 @@ class Pool:
         """An instance joined, left, failed or came back: replan the spread, serve waiters."""
         self._rebalance()
         self._fill()
+        if not self.paused and not self.proxy.shutting_down:
+            # A leader pool learns the role of each new address DNS gives at once.
+            for inst in self.roles.unknown_due(self.instances):
+                inst.servers += 1
+                self.connecting += 1
+                self._spawn(self._connect(inst))
 
     def _rebalance(self) -> None:
         self._excess = self.instances.excess(self.settings.max_per_instance)
@@ -823,6 +1038,10 @@ class Pool:
             if row["connect_ms"] is not None:
                 line["sample#connect_ms"] = row["connect_ms"]
             line["count#connect_failures"] = failures
+            if row["lag_s"] is not None:
+                line["sample#lag_s"] = row["lag_s"]
+            if row["hot_standby"] is not None:
+                line["role"] = r.role_name(row["hot_standby"], row["read_only"])
             if row["last_error"]:
                 line["last_error"] = row["last_error"]
             lines.append(line)
@@ -834,6 +1053,7 @@ class Pool:
         """Periodic work: timeouts, lifetimes, probes, rebalancing, min pool size, retries."""
         s = self.settings
         self._probe()
+        self._check_roles(now)
         self._rebalance()
         for client in [*self.waiters, *self.logins]:
             if s.query_wait_timeout and now - client.wait_started >= s.query_wait_timeout:
@@ -911,6 +1131,9 @@ class Pool:
     async def pause(self) -> None:
         """Hand out no servers; return once every server is back, then close them (PAUSE)."""
         self.paused = True
+        for server in list(self.parked.values()):
+            self.close_server(server, "pause")
+        self.parked.clear()
         while self.active or self.connecting:
             await asyncio.sleep(0.05)
             if not self.paused:

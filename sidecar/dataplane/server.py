@@ -28,7 +28,9 @@ from ..protocol.errors import (
     TOO_MANY_CONNECTIONS,
     ProtocolError,
 )
+from ..protocol.frontend import Q_DISCARD
 from ..protocol.statements import ServerStatements
+from ..upstream.roles import ROLE_PARAMS
 
 if TYPE_CHECKING:
     from ..upstream.balancer import Instance
@@ -44,6 +46,19 @@ _I = ord("I")
 
 def _unconnected(data: bytes) -> None:
     raise ConnectionError("no transport yet")
+
+
+def _client_set(client: ClientConn | None, name: str) -> bool:
+    """The client's own statements changed `name` in this transaction (SET, RESET ALL,
+    DISCARD ALL, set_config)."""
+    if client is None:
+        return False
+    frontend = client.frontend
+    return (
+        bool(frontend.flags & Q_DISCARD)
+        or name in frontend.set_names
+        or ("all" in frontend.set_names)
+    )
 
 
 class ServerState(enum.Enum):
@@ -256,6 +271,11 @@ class ServerConn(asyncio.BaseProtocol):
         if backend.params is not None:
             for name, value in backend.params:
                 self.params[name] = value
+                if name in ROLE_PARAMS and not _client_set(client, name):
+                    # The instance's role changed under us (promotion, demotion, a reload):
+                    # the pool's news, not a setting the client made.
+                    self.pool.role_reported(self, name, value)
+                    continue
                 if client is not None:
                     client.params[name] = value
         if backend.errors:

@@ -50,6 +50,11 @@ class InstanceState(enum.Enum):
     QUARANTINED = "quarantined"  #: a connect or probe failed; retried after `quarantine_until`
     DRAINING = "draining"  #: left DNS and failed a check with servers open: never chosen, emptied
     FORGOTTEN = "forgotten"  #: removed from its set; a pool still holding it must let go
+    #: its role does not match the pool's target_session_attrs (roles.py): never chosen,
+    #: emptied, re-checked by a login after `recheck_at`
+    WRONG_ROLE = "wrong_role"
+    #: a standby whose replay lag is over the pool's limit (roles.py): never chosen, emptied
+    LAGGING = "lagging"
 
 
 def canonical_addr(addr: str) -> str:
@@ -83,6 +88,18 @@ class Instance:
     #: Missing from DNS answers for forget_after (set by expire(), cleared by seen()).
     stale: bool = False
     checked_at: float = 0.0  #: last time it proved healthy or a probe of it started
+    # Role and lag (kept by roles.Roles; None until a server of it reported).
+    hot_standby: bool | None = None
+    read_only: bool | None = None
+    role_checked: float = 0.0  #: last time its role was learned (login or check)
+    role_mismatches: int = 0  #: consecutive logins/checks with the wrong role: the backoff
+    recheck_at: float = 0.0  #: WRONG_ROLE: no trial login before this (monotonic)
+    lag_s: float | None = None  #: replay lag at the last check (standbys)
+    checking: bool = False  #: a role/lag check query is running on one of its servers
+    #: Choice preference, lower first (prefer-standby ranks primaries after standbys).
+    rank: int = 0
+    #: Not named by the newest DNS answer of its address family (leader pools follow DNS).
+    superseded: bool = False
 
     @property
     def label(self) -> str:
@@ -147,8 +164,8 @@ class InstanceSet:
         For an address missing from DNS answers for `forget_after` seconds ("stale"):
         - UP: kept and still chosen (DNS may just not have rotated to it); marked stale so
           `probe_due` checks it every STALE_CHECK_INTERVAL.
-        - QUARANTINED (its last connect or probe failed): FORGOTTEN if it has no servers,
-          else DRAINING.
+        - QUARANTINED (its last connect or probe failed) or WRONG_ROLE: FORGOTTEN if it has
+          no servers, else DRAINING.
         Whatever its age, a DRAINING instance with no servers left is FORGOTTEN.
         FORGOTTEN instances are removed from the set. Nothing expires in a static set.
         """
@@ -158,11 +175,15 @@ class InstanceSet:
         for inst in list(self.instances.values()):
             if inst.state is not InstanceState.DRAINING and now - inst.last_seen >= forget_after:
                 inst.stale = True
-                if inst.state is InstanceState.QUARANTINED:
+                if inst.state in (InstanceState.QUARANTINED, InstanceState.WRONG_ROLE):
                     self._retire(inst, changed)
             elif inst.state is InstanceState.DRAINING and inst.servers <= 0:
                 self._retire(inst, changed)
         return changed
+
+    def retire(self, inst: Instance) -> None:
+        """Out of rotation now whatever its health (a leader pool's superseded address)."""
+        self._retire(inst, [])
 
     def _retire(self, inst: Instance, changed: list[Instance]) -> None:
         """Out of rotation: DRAINING while it has servers, else FORGOTTEN and removed."""
@@ -256,6 +277,9 @@ class InstanceSet:
             if i.state is InstanceState.UP and (cap <= 0 or i.servers < cap)
         ]
         if up:
+            best = min(i.rank for i in up)
+            if best or any(i.rank for i in up):
+                up = [i for i in up if i.rank == best]
             fewest = min(i.servers for i in up)
             return rng.choice([i for i in up if i.servers == fewest])
         trials = [
@@ -295,8 +319,9 @@ class InstanceSet:
                     target = min(target, cap)
                 if inst.servers > target:
                     plan[inst.addr] = inst.servers - target
+        gone = (InstanceState.DRAINING, InstanceState.WRONG_ROLE, InstanceState.LAGGING)
         for inst in self.instances.values():
-            if inst.state is InstanceState.DRAINING and inst.servers > 0:
+            if inst.state in gone and inst.servers > 0:
                 plan[inst.addr] = inst.servers
             elif inst.state is InstanceState.QUARANTINED and 0 < cap < inst.servers:
                 plan[inst.addr] = inst.servers - cap
@@ -322,6 +347,9 @@ class InstanceSet:
                     "connect_failures": inst.connect_failures,
                     "connect_ms": None if inst.connect_ms is None else round(inst.connect_ms, 1),
                     "last_error": inst.last_error,
+                    "hot_standby": inst.hot_standby,
+                    "read_only": inst.read_only,
+                    "lag_s": None if inst.lag_s is None else round(inst.lag_s, 1),
                 }
             )
         return rows

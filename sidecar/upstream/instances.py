@@ -94,6 +94,9 @@ class Discovery:
         #: Called with the addresses of each DNS answer (SIDECAR_WORKERS > 1: the other
         #: workers learn them too, see workers.py).
         self.on_answer: Callable[[list[str]], None] | None = None
+        #: Called with the addresses of every answer applied (ours or another worker's);
+        #: returns instances it took out of rotation (roles.Roles.follow_dns), to be logged.
+        self.on_addrs: Callable[[list[str]], list[Instance]] | None = None
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._use_hosts = False
         self._task: asyncio.Task[None] | None = None
@@ -237,12 +240,14 @@ class Discovery:
             self._apply(addrs, shared=True)
 
     def _apply(self, addrs: Iterable[str], *, shared: bool = False) -> None:
+        addrs = list(addrs)
         if not shared and self.on_answer is not None and not self.instance_set.static:
-            addrs = list(addrs)
             self.on_answer(addrs)
         now = self.clock()
         added = self.instance_set.seen(addrs, now, time.time())
         gone = self.instance_set.expire(now, self.settings.dns_forget_after)
+        if self.on_addrs is not None:
+            gone += [i for i in self.on_addrs(addrs) if i not in gone]
         for inst in added:
             logger.info("instance_added", host=self.host, instance=inst.addr)
         for inst in gone:
