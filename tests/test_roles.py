@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sidecar.config import ConfigError, parse_url
+from sidecar.config import ConfigError, PoolConfig, Settings, load_settings, parse_url
 from sidecar.upstream.balancer import Instance, InstanceSet, InstanceState
 from sidecar.upstream.roles import (
     ROLE_BACKOFF_MAX,
@@ -16,6 +16,7 @@ from sidecar.upstream.roles import (
     parse_check,
     role_from_params,
 )
+from sidecar.yamlconfig import apply_text
 
 A, B, C = "10.1.0.1", "10.1.0.2", "10.1.0.3"
 RNG = random.Random(0)
@@ -302,3 +303,26 @@ def test_target_session_attrs_in_the_url() -> None:
     assert parse_url("postgres://u:p@db.test/d").target_session_attrs is None
     with pytest.raises(ConfigError, match="target_session_attrs"):
         parse_url("postgres://u:p@db.test/d?target_session_attrs=leader")
+
+
+def test_target_session_attrs_setting_and_per_pool_file() -> None:
+    settings, _ = load_settings(
+        {"SIDECAR_TARGET_SESSION_ATTRS": "read-write", "SIDECAR_MAX_REPLICA_LAG": "2.5"}
+    )
+    assert settings.target_session_attrs == "read-write"
+    assert settings.max_replica_lag == 2.5 and settings.lag_check_interval == 5.0
+    with pytest.raises(ConfigError, match="SIDECAR_TARGET_SESSION_ATTRS"):
+        load_settings({"SIDECAR_TARGET_SESSION_ATTRS": "leader"})
+    pools = [PoolConfig("database", parse_url("postgres://u:p@h/d"))]
+    text = "pools:\n  DATABASE_URL:\n    target_session_attrs: standby\n    max_replica_lag: 3\n"
+    (pool,) = apply_text(text, "sidecar.yml", pools, Settings(), {"database": "DATABASE_URL"})
+    effective = pool.settings(Settings())
+    assert effective.target_session_attrs == "standby" and effective.max_replica_lag == 3.0
+    with pytest.raises(ConfigError, match="target_session_attrs"):
+        apply_text(
+            "pools:\n  database:\n    target_session_attrs: leader\n",
+            "sidecar.yml",
+            pools,
+            Settings(),
+            {},
+        )

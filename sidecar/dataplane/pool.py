@@ -736,6 +736,11 @@ class Pool:
         try:
             error, rows = await server.query_internal(r.ROLE_QUERY)
         except ServerError as exc:
+            if server.state is S_CLOSED:
+                # query_internal's stall timeout closed it while still counted as connecting;
+                # _connect_failed keeps the books for a failed connect.
+                self.connecting += 1
+            server.close_transport()
             self._connect_failed(inst, exc)
             return None
         if error is not None or not rows:
