@@ -139,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " Ctrl-C or SIGTERM stops it",
     )
     parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="instead: a leader failover announced by DNS, followed by the sidecar",
+    )
+    parser.add_argument(
         "--color",
         choices=("auto", "always", "never"),
         default="auto",
@@ -456,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     console = Console(color)
     try:
+        if args.failover:
+            import demo_failover
+
+            return demo_failover.run(console, args)
         return demo(console, args)
     except KeyboardInterrupt:
         console.warn("interrupted; everything started was stopped")
