@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -183,8 +184,11 @@ def run(console: Console, args: argparse.Namespace) -> int:
             console.note(f"writes {label}: " + ", ".join(f"{k} {v}" for k, v in counts))
 
         mark = time.monotonic()
-        time.sleep(4)
-        report("in the last 4 s", mark)
+        # A random moment within the sidecar's DNS refresh cycle, so runs show the spread of
+        # the window rather than one phase of it.
+        before = 3 + random.uniform(0, TTL)
+        time.sleep(before)
+        report(f"in the last {before:.1f} s", mark)
 
         console.step(
             f"failover: promoting {b_addr}, DNS {LEADER_NAME} -> {b_addr};"

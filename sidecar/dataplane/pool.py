@@ -835,6 +835,8 @@ class Pool:
     def _check_roles(self, now: float) -> None:
         """Janitor: role re-checks by login, periodic role/lag checks on idle servers, and
         clients failed when no instance has the target role."""
+        if self.proxy.shutting_down:
+            return
         room = self._limit(now) - self.size
         for inst in self.roles.recheck_due(self.instances, now):
             if room <= 0 or self.paused:
