@@ -259,17 +259,30 @@ async def test_pool_on_a_standby_with_read_write_target_gets_a_clear_error(
 
 
 class LeaderWrites:
-    """Commits on the leader every 50 ms in a thread: WAL for the followers to replay."""
+    """Commits on the leader every 50 ms in a thread: WAL for the followers to replay.
+    Directly, or through a proxy pool on the leader once `via` is set."""
 
     def __init__(self, cluster: ReplicaCluster) -> None:
         self.leader = cluster.leader
         self.table = cluster.leader.create_table("id serial PRIMARY KEY, at timestamptz")
+        self.via: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.leader.query(f"INSERT INTO {self.table} (at) VALUES (now())")
+        sql = f"INSERT INTO {self.table} (at) VALUES (now())"
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not self._stop.wait(0.05):
+                if self.via is None:
+                    self.leader.query(sql)
+                    continue
+                if conn is None:
+                    conn = psycopg.connect(self.via, autocommit=True)
+                conn.execute(sql)
+        finally:
+            if conn is not None:
+                conn.close()
 
     def __enter__(self) -> LeaderWrites:
         self._thread.start()
@@ -329,23 +342,31 @@ async def wait_state(proxy: ProxyProcess, addr: str, state: str, timeout: float)
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("lag_from", ["replay_timestamp", "leader_lsn"])
 async def test_paused_replay_takes_a_follower_out_until_it_catches_up(
-    cluster: ReplicaCluster, proxy_factory: ProxyFactory
+    cluster: ReplicaCluster, proxy_factory: ProxyFactory, lag_from: str
 ) -> None:
+    """Lag by the last replayed commit's age; or, when the proxy also pools the leader (the
+    same cluster), by the leader's own WAL position."""
     f1, f2 = cluster.followers[0], cluster.followers[1]
     max_lag, interval = 2.0, 0.5
+    pools = [f"appdb={cluster.url()}"]
+    if lag_from == "leader_lsn":
+        pools.append(f"leader={cluster.leader.url()}")
     with (
         DNSServer({cluster.name: cluster.addrs}, mode="all", ttl=TTL) as dns,
-        LeaderWrites(cluster),
+        LeaderWrites(cluster) as writes,
     ):
         proxy = proxy_factory(
-            f"appdb={cluster.url()}",
+            *pools,
             SIDECAR_DNS_NAMESERVERS=dns.nameserver,
             SIDECAR_SERVER_TLS_SSLMODE="require",
             SIDECAR_MAX_REPLICA_LAG=str(max_lag),
             SIDECAR_LAG_CHECK_INTERVAL=str(interval),
             SIDECAR_STATS_PERIOD=1,
         )
+        if lag_from == "leader_lsn":
+            writes.via = proxy.dsn(dbname="leader")
         async with Readers(proxy) as readers:
             start = time.monotonic()
             while readers.since(start) != {f1.addr, f2.addr}:
@@ -373,5 +394,6 @@ async def test_paused_replay_takes_a_follower_out_until_it_catches_up(
         if f"instance={f1.addr}" in line and "sample#lag_s=" in line
     ]
     assert lines, proxy.log_text()[-3000:]
-    assert any(f"instance={f1.addr}" in line for line in log_events(proxy, "instance_lagging"))
+    lagging = [line for line in log_events(proxy, "instance_lagging") if f"={f1.addr} " in line]
+    assert lagging and all(f"lag_from={lag_from}" in line for line in lagging), lagging
     assert any(f"instance={f1.addr}" in line for line in log_events(proxy, "instance_caught_up"))

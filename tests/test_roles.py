@@ -12,8 +12,10 @@ from sidecar.upstream.roles import (
     ROLE_BACKOFF_MAX,
     Change,
     Roles,
+    WalHistory,
     matches,
     parse_check,
+    parse_lsn,
     role_from_params,
 )
 from sidecar.yamlconfig import apply_text
@@ -75,8 +77,29 @@ def test_role_from_login_parameters() -> None:
 
 
 def test_check_row() -> None:
-    assert parse_check(["t", "off", "3.25"]) == (True, False, 3.25)
-    assert parse_check(["f", "on", None]) == (False, True, None)
+    check = parse_check(["t", "off", "3.25", "7301234567890123456", "16/B374D848"])
+    assert (check.hot_standby, check.read_only, check.lag_s) == (True, False, 3.25)
+    assert check.system_id == "7301234567890123456"
+    assert check.lsn == (0x16 << 32) | 0xB374D848
+    check = parse_check(["f", "on", None, None, None])
+    assert (check.hot_standby, check.read_only, check.lag_s, check.lsn) == (False, True, None, None)
+    assert parse_lsn("0/0") == 0 and parse_lsn("junk") is None and parse_lsn("1/zz") is None
+
+
+def test_lag_against_the_leaders_wal_position() -> None:
+    wal = WalHistory(keep=100.0)
+    assert wal.lag(5, 0.0, 10.0) is None  # nothing known about the leader yet
+    wal.add(10.0, 100)
+    wal.add(11.0, 200)
+    wal.add(12.0, 200)  # no new WAL: an idle leader, still fresh
+    wal.add(13.0, 300)
+    assert wal.lag(300, 13.5, 2.0) == 0.0  # replayed all the leader had
+    assert wal.lag(250, 13.5, 2.0) == 0.5  # not yet what it had at 13.0
+    assert wal.lag(150, 14.0, 2.0) == 3.0  # not what it had at 11.0
+    assert wal.lag(50, 14.0, 2.0) == 4.0  # behind the oldest sample: at least that
+    assert wal.lag(150, 20.0, 2.0) is None  # the leader's position is stale: no verdict
+    wal.add(200.0, 400)
+    assert [lsn for _t, lsn in wal.samples] == [400]  # old samples dropped
 
 
 def test_auto_becomes_a_leader_pool_on_a_primary() -> None:

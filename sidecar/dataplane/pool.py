@@ -816,6 +816,15 @@ class Pool:
             )
         return bool(retired)
 
+    def _leader_wal(self, system_id: str | None) -> r.WalHistory | None:
+        """The WAL history of a leader pool of this process on the same cluster, if any."""
+        if system_id is None:
+            return None
+        for pool in self.proxy.pools.values():
+            if pool.roles.leader and pool.roles.system_id == system_id and pool.roles.wal.samples:
+                return pool.roles.wal
+        return None
+
     def role_reported(self, server: ServerConn, name: str, value: str) -> None:
         """A server reported a new in_hot_standby, or a default_transaction_read_only its
         client did not set (promotion, demotion, ALTER SYSTEM + reload): re-judge the role."""
@@ -886,9 +895,20 @@ class Pool:
             self.close_server(server, f"role check failed: {error and error.get('M')}")
             return
         now = time.monotonic()
-        hot, read_only, lag = r.parse_check(rows[0])
+        check = r.parse_check(rows[0])
+        hot = check.hot_standby
         inst.role_checked = now
-        self._role_learned(inst, self.roles.observe(inst, hot, read_only, now, self._rng), "check")
+        self.roles.system_id = check.system_id or self.roles.system_id
+        if self.roles.leader and not hot and check.lsn is not None:
+            self.roles.wal.add(now, check.lsn)
+        change = self.roles.observe(inst, hot, check.read_only, now, self._rng)
+        self._role_learned(inst, change, "check")
+        lag, lag_from = check.lag_s, "replay_timestamp"
+        wal = self._leader_wal(check.system_id) if hot and check.lsn is not None else None
+        if wal is not None and check.lsn is not None:
+            by_lsn = wal.lag(check.lsn, now, 3 * self.settings.lag_check_interval + 1.0)
+            if by_lsn is not None:
+                lag, lag_from = by_lsn, "leader_lsn"
         changed = self.roles.lag(self.instances, inst, lag if hot else None)
         for other in changed:
             lagging = other.state is InstanceState.LAGGING
@@ -898,6 +918,7 @@ class Pool:
                 instance=other.addr,
                 lag_s=None if other.lag_s is None else round(other.lag_s, 1),
                 max_lag_s=self.roles.max_lag,
+                lag_from=lag_from,
             )
         if self.roles.all_lagging(self.instances) and self._may_warn("all_lagging", now):
             logger.warning(
@@ -972,6 +993,11 @@ class Pool:
     async def start(self) -> None:
         """Find the instances behind the upstream host (the first answer is enough)."""
         await self.discovery.start()
+        # A follower pool measuring lag measures it against a leader pool's WAL position
+        # when this process has one on the same cluster: leader pools then keep it.
+        self.roles.record_wal = any(
+            p.settings.max_replica_lag > 0 for p in self.proxy.pools.values()
+        )
         self._instances_changed()
 
     async def stop(self) -> None:

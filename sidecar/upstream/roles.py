@@ -30,7 +30,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 import random
+from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .balancer import Instance, InstanceSet, InstanceState
 
@@ -53,9 +55,11 @@ ROLE_QUERY = (
 )
 
 #: The periodic check on an idle server: the role a NEW session would get (reset_val: not
-#: this session's own SETs), and for a standby its replay lag in seconds. Lag is 0 when all
-#: WAL received is replayed (an idle primary sends none, so the last replayed commit's age
-#: says nothing), else the age of the last replayed commit.
+#: this session's own SETs); for a standby its replay lag in seconds -- 0 when all WAL
+#: received is replayed (an idle primary sends none, so the last replayed commit's age says
+#: nothing), else the age of the last replayed commit; the cluster's system identifier (a
+#: leader and its standbys share it) and the WAL position: current on a primary, replayed on
+#: a standby.
 CHECK_QUERY = (
     "SELECT pg_catalog.pg_is_in_recovery(),"
     " (SELECT reset_val FROM pg_catalog.pg_settings"
@@ -64,8 +68,14 @@ CHECK_QUERY = (
     " WHEN pg_catalog.pg_last_wal_receive_lsn() IS NOT NULL"
     " AND pg_catalog.pg_last_wal_receive_lsn() <= pg_catalog.pg_last_wal_replay_lsn() THEN 0"
     " ELSE COALESCE(EXTRACT(epoch FROM pg_catalog.now()"
-    " - pg_catalog.pg_last_xact_replay_timestamp()), 0) END"
+    " - pg_catalog.pg_last_xact_replay_timestamp()), 0) END,"
+    " (SELECT system_identifier FROM pg_catalog.pg_control_system())::text,"
+    " (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()"
+    " ELSE pg_catalog.pg_current_wal_lsn() END)::text"
 )
+
+#: Leader WAL samples older than this are dropped.
+WAL_HISTORY_S = 900.0
 
 
 class Change(enum.Enum):
@@ -129,6 +139,13 @@ class Roles:
         #: The target in force; `auto` until the first instance reports its role.
         self.target = target
         self.max_lag = max_lag
+        #: The cluster's system identifier, from the last check of any of its instances.
+        self.system_id: str | None = None
+        #: Leader pools: the leader's WAL positions, for follower pools on the same cluster.
+        self.wal = WalHistory()
+        #: Some pool of this process measures lag: a leader pool checks its instances (and
+        #: keeps `wal`) even on an IP literal.
+        self.record_wal = False
 
     @property
     def leader(self) -> bool:
@@ -309,9 +326,10 @@ class Roles:
         """Instances whose periodic check (role, and lag where it counts) is due."""
         if interval <= 0:
             return []
-        if self.max_lag <= 0 and (not self.leader or instances.static):
-            # Nothing to measure: follower pools without a lag limit, and pools on an IP
-            # literal (their role is checked at each login, and by what servers report).
+        if self.max_lag <= 0 and not (self.leader and (self.record_wal or not instances.static)):
+            # Nothing to measure: follower pools without a lag limit, and leader pools on an
+            # IP literal (their role is checked at each login, and by what servers report)
+            # unless a follower pool wants their WAL position.
             return []
         return [
             i
@@ -322,12 +340,73 @@ class Roles:
         ]
 
 
-def parse_check(row: list[str | None]) -> tuple[bool, bool, float | None]:
-    """CHECK_QUERY's row: (hot standby, read only, lag seconds or None)."""
+@dataclass(frozen=True, slots=True)
+class Check:
+    """What one CHECK_QUERY said about an instance."""
+
+    hot_standby: bool
+    read_only: bool
+    lag_s: float | None  #: by the last replayed commit's age (standbys)
+    system_id: str | None  #: the cluster's identifier
+    lsn: int | None  #: current WAL position (primary) or last replayed (standby)
+
+
+def parse_check(row: list[str | None]) -> Check:
     hot = bool(truthy(row[0]))
-    read_only = bool(truthy(row[1]))
-    lag = None if len(row) < 3 or row[2] is None else float(row[2])
-    return hot, read_only, lag
+    return Check(
+        hot_standby=hot,
+        read_only=bool(truthy(row[1])),
+        lag_s=None if len(row) < 3 or row[2] is None else float(row[2]),
+        system_id=row[3] if len(row) > 3 else None,
+        lsn=parse_lsn(row[4]) if len(row) > 4 else None,
+    )
+
+
+def parse_lsn(text: str | None) -> int | None:
+    """PostgreSQL's pg_lsn text ("16/B374D848") as a number; None if absent or malformed."""
+    if not text:
+        return None
+    hi, sep, lo = text.partition("/")
+    try:
+        return (int(hi, 16) << 32) | int(lo, 16) if sep else None
+    except ValueError:
+        return None
+
+
+class WalHistory:
+    """A leader's WAL position over time, from its pool's periodic checks.
+
+    A standby's lag is then measured against the leader itself: a standby that has not
+    replayed the WAL the leader had written at time t is at least `now - t` behind. This
+    needs no commit on the leader to age (an idle leader writes no WAL: no lag), and is as
+    precise as the check interval.
+    """
+
+    def __init__(self, keep: float = WAL_HISTORY_S) -> None:
+        self.keep = keep
+        #: (monotonic time, WAL position), positions strictly increasing.
+        self.samples: deque[tuple[float, int]] = deque()
+        #: When the leader's position was last learned (an idle leader's stays the same).
+        self.seen = float("-inf")
+
+    def add(self, now: float, lsn: int) -> None:
+        if not self.samples or lsn > self.samples[-1][1]:
+            self.samples.append((now, lsn))
+        self.seen = now
+        while len(self.samples) > 1 and now - self.samples[0][0] > self.keep:
+            self.samples.popleft()
+
+    def lag(self, replayed: int, now: float, fresh: float) -> float | None:
+        """Seconds `replayed` is behind the leader; None without a sample newer than
+        `fresh` seconds (the leader pool has not been checked lately: use another measure)."""
+        if not self.samples or now - self.seen > fresh:
+            return None
+        if replayed >= self.samples[-1][1]:
+            return 0.0
+        for at, lsn in self.samples:
+            if lsn > replayed:
+                return max(0.0, now - at)
+        return 0.0
 
 
 def _canonical(addr: str) -> str:
@@ -351,9 +430,12 @@ __all__ = [
     "ROLE_QUERY",
     "TARGETS",
     "Change",
+    "Check",
     "Roles",
+    "WalHistory",
     "matches",
     "parse_check",
+    "parse_lsn",
     "role_from_params",
     "role_name",
     "truthy",
