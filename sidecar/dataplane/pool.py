@@ -731,215 +731,6 @@ class Pool:
             return
         self._release(server)
 
-    async def _ask_role(self, inst: Instance, server: ServerConn) -> tuple[bool, bool] | None:
-        """Before PostgreSQL 14 the role is not reported at login: one query."""
-        try:
-            error, rows = await server.query_internal(r.ROLE_QUERY)
-        except ServerError as exc:
-            if server.state is S_CLOSED:
-                # query_internal's stall timeout closed it while still counted as connecting;
-                # _connect_failed keeps the books for a failed connect.
-                self.connecting += 1
-            server.close_transport()
-            self._connect_failed(inst, exc)
-            return None
-        if error is not None or not rows:
-            server.close_transport()
-            self._connect_failed(
-                inst,
-                ServerError(
-                    SQLCLIENT_UNABLE_TO_ESTABLISH,
-                    f"role query failed: {error and error.get('M')}",
-                    retryable=True,
-                ),
-            )
-            return None
-        return bool(r.truthy(rows[0][0])), bool(r.truthy(rows[0][1]))
-
-    # -- roles -----------------------------------------------------------------------------------
-
-    def _role_learned(self, inst: Instance, change: r.Change, source: str) -> None:
-        """Log what a role observation changed; replan when an instance left or came back."""
-        if change is r.Change.NONE:
-            return
-        if change is r.Change.RESOLVED:
-            logger.info(
-                "pool",
-                pool=self.name,
-                target=self.roles.target,
-                role=self.roles.pool_role,
-                instance=inst.addr,
-                instance_role=r.role_name(inst.hot_standby, inst.read_only),
-            )
-            if inst.state is not InstanceState.WRONG_ROLE:
-                return
-        if inst.state is InstanceState.WRONG_ROLE:
-            logger.warning(
-                "instance_wrong_role",
-                pool=self.name,
-                instance=inst.addr,
-                role=r.role_name(inst.hot_standby, inst.read_only),
-                target=self.roles.target,
-                servers=inst.servers,
-                source=source,
-                retry_in_s=round(max(inst.recheck_at - time.monotonic(), 0.0), 1),
-            )
-            if self.roles.none_match(self.instances):
-                self.discovery.request_refresh()
-        else:
-            logger.info(
-                "instance_role_ok",
-                pool=self.name,
-                instance=inst.addr,
-                role=r.role_name(inst.hot_standby, inst.read_only),
-                target=self.roles.target,
-                source=source,
-            )
-        self._follow_dns()
-        self._instances_changed()
-
-    def _dns_answer(self, addrs: list[str]) -> list[Instance]:
-        self.roles.answered(self.instances, addrs)
-        return self.roles.follow_dns(self.instances)
-
-    def _follow_dns(self) -> bool:
-        """A leader pool whose newest DNS address proved itself: retire the superseded ones.
-        True if one was."""
-        retired = self.roles.follow_dns(self.instances)
-        for inst in retired:
-            logger.info(
-                f"instance_{inst.state.name.lower()}",
-                pool=self.name,
-                instance=inst.addr,
-                servers=inst.servers,
-                reason="no longer in DNS; the address DNS names is the leader",
-            )
-        return bool(retired)
-
-    def _leader_wal(self, system_id: str | None) -> r.WalHistory | None:
-        """The WAL history of a leader pool of this process on the same cluster, if any."""
-        if system_id is None:
-            return None
-        for pool in self.proxy.pools.values():
-            if pool.roles.leader and pool.roles.system_id == system_id and pool.roles.wal.samples:
-                return pool.roles.wal
-        return None
-
-    def role_reported(self, server: ServerConn, name: str, value: str) -> None:
-        """A server reported a new in_hot_standby, or a default_transaction_read_only its
-        client did not set (promotion, demotion, ALTER SYSTEM + reload): re-judge the role."""
-        inst = server.instance
-        if inst is None or inst.hot_standby is None:
-            return
-        hot, read_only = inst.hot_standby, bool(inst.read_only)
-        if name == "in_hot_standby":
-            hot = bool(r.truthy(value))
-        else:
-            read_only = bool(r.truthy(value))
-        if (hot, read_only) == (inst.hot_standby, inst.read_only):
-            return
-        change = self.roles.observe(inst, hot, read_only, time.monotonic(), self._rng)
-        self._role_learned(inst, change, "reported")
-
-    def _check_roles(self, now: float) -> None:
-        """Janitor: role re-checks by login, periodic role/lag checks on idle servers, and
-        clients failed when no instance has the target role."""
-        if self.proxy.shutting_down:
-            return
-        room = self._limit(now) - self.size
-        for inst in self.roles.recheck_due(self.instances, now):
-            if room <= 0 or self.paused:
-                inst.trial = False
-                continue
-            room -= 1
-            inst.servers += 1
-            self.connecting += 1
-            self._spawn(self._connect(inst))
-        for inst in self.roles.check_due(self.instances, now, self.settings.lag_check_interval):
-            server = self.parked.pop(inst.addr, None)
-            if server is None or server.state is not S_ACTIVE:
-                server = next((s for s in reversed(self.idle) if s.instance is inst), None)
-                if server is None:
-                    if inst.state is InstanceState.LAGGING and not inst.servers and room > 0:
-                        # Its servers are gone: a new one to measure it (parked by _connect).
-                        room -= 1
-                        inst.servers += 1
-                        self.connecting += 1
-                        inst.role_checked = now
-                        self._spawn(self._connect(inst))
-                    continue
-                self._move(server, S_ACTIVE)
-            inst.checking = True
-            self._spawn(self._check(inst, server))
-        if (self.waiters or self.logins) and self.roles.none_match(self.instances):
-            reason = self.roles.mismatch_reason(self.instances)
-            for client in [*self.waiters, *self.logins]:
-                if now - client.wait_started >= ROLE_WAIT:
-                    client.fail(
-                        SQLCLIENT_UNABLE_TO_ESTABLISH, reason, reason="no server with the role"
-                    )
-
-    async def _check(self, inst: Instance, server: ServerConn) -> None:
-        """One role/lag check on a server taken from idle (or parked): then back, or kept
-        parked while its instance lags, or closed if its role is wrong."""
-        last_used = server.last_used
-        try:
-            error, rows = await server.query_internal(r.CHECK_QUERY)
-        except ServerError:
-            return  # connection_lost (or the stall timeout) closed it
-        finally:
-            inst.checking = False
-        if server.state is not S_ACTIVE:
-            return
-        if error is not None or not rows or server.tx_status != _I:
-            self.close_server(server, f"role check failed: {error and error.get('M')}")
-            return
-        now = time.monotonic()
-        check = r.parse_check(rows[0])
-        hot = check.hot_standby
-        inst.role_checked = now
-        self.roles.system_id = check.system_id or self.roles.system_id
-        if self.roles.leader and not hot and check.lsn is not None:
-            self.roles.wal.add(now, check.lsn)
-        change = self.roles.observe(inst, hot, check.read_only, now, self._rng)
-        self._role_learned(inst, change, "check")
-        lag, lag_from = check.lag_s, "replay_timestamp"
-        wal = self._leader_wal(check.system_id) if hot and check.lsn is not None else None
-        if wal is not None and check.lsn is not None:
-            by_lsn = wal.lag(check.lsn, now, 3 * self.settings.lag_check_interval + 1.0)
-            if by_lsn is not None:
-                lag, lag_from = by_lsn, "leader_lsn"
-        changed = self.roles.lag(self.instances, inst, lag if hot else None)
-        for other in changed:
-            lagging = other.state is InstanceState.LAGGING
-            logger.info(
-                "instance_lagging" if lagging else "instance_caught_up",
-                pool=self.name,
-                instance=other.addr,
-                lag_s=None if other.lag_s is None else round(other.lag_s, 1),
-                max_lag_s=self.roles.max_lag,
-                lag_from=lag_from,
-            )
-        if self.roles.all_lagging(self.instances) and self._may_warn("all_lagging", now):
-            logger.warning(
-                "all_instances_lagging",
-                pool=self.name,
-                max_lag_s=self.roles.max_lag,
-                serving=",".join(i.addr for i in self.instances if i.state is InstanceState.UP),
-            )
-        if changed:
-            self._rebalance()  # the new plan first: an instance caught up keeps its servers
-        if inst.state is InstanceState.WRONG_ROLE:
-            self.close_server(server, f"instance role {inst.last_error}")
-        elif inst.state is InstanceState.LAGGING and inst.addr not in self.parked:
-            self.parked[inst.addr] = server
-        else:
-            self._release(server)
-            if server.state is S_IDLE:
-                server.last_used = last_used  # a check is not use: idle timeouts still apply
-        if changed:
-            self._fill()
-
     def _connect_failed(self, inst: Instance, exc: ServerError) -> None:
         self.connecting -= 1
         inst.servers -= 1
@@ -1185,6 +976,215 @@ class Pool:
         while self.waiters and self.idle:
             self._link(self.waiters.popleft(), self.idle[-1])
         self._fill()
+
+    # -- roles -----------------------------------------------------------------------------------
+
+    async def _ask_role(self, inst: Instance, server: ServerConn) -> tuple[bool, bool] | None:
+        """Before PostgreSQL 14 the role is not reported at login: one query."""
+        try:
+            error, rows = await server.query_internal(r.ROLE_QUERY)
+        except ServerError as exc:
+            if server.state is S_CLOSED:
+                # query_internal's stall timeout closed it while still counted as connecting;
+                # _connect_failed keeps the books for a failed connect.
+                self.connecting += 1
+            server.close_transport()
+            self._connect_failed(inst, exc)
+            return None
+        if error is not None or not rows:
+            server.close_transport()
+            self._connect_failed(
+                inst,
+                ServerError(
+                    SQLCLIENT_UNABLE_TO_ESTABLISH,
+                    f"role query failed: {error and error.get('M')}",
+                    retryable=True,
+                ),
+            )
+            return None
+        return bool(r.truthy(rows[0][0])), bool(r.truthy(rows[0][1]))
+
+    def _role_learned(self, inst: Instance, change: r.Change, source: str) -> None:
+        """Log what a role observation changed; replan when an instance left or came back."""
+        if change is r.Change.NONE:
+            return
+        if change is r.Change.RESOLVED:
+            logger.info(
+                "pool",
+                pool=self.name,
+                target=self.roles.target,
+                role=self.roles.pool_role,
+                instance=inst.addr,
+                instance_role=r.role_name(inst.hot_standby, inst.read_only),
+            )
+            if inst.state is not InstanceState.WRONG_ROLE:
+                return
+        if inst.state is InstanceState.WRONG_ROLE:
+            logger.warning(
+                "instance_wrong_role",
+                pool=self.name,
+                instance=inst.addr,
+                role=r.role_name(inst.hot_standby, inst.read_only),
+                target=self.roles.target,
+                servers=inst.servers,
+                source=source,
+                retry_in_s=round(max(inst.recheck_at - time.monotonic(), 0.0), 1),
+            )
+            if self.roles.none_match(self.instances):
+                self.discovery.request_refresh()
+        else:
+            logger.info(
+                "instance_role_ok",
+                pool=self.name,
+                instance=inst.addr,
+                role=r.role_name(inst.hot_standby, inst.read_only),
+                target=self.roles.target,
+                source=source,
+            )
+        self._follow_dns()
+        self._instances_changed()
+
+    def _dns_answer(self, addrs: list[str]) -> list[Instance]:
+        self.roles.answered(self.instances, addrs)
+        return self.roles.follow_dns(self.instances)
+
+    def _follow_dns(self) -> bool:
+        """A leader pool whose newest DNS address proved itself: retire the superseded ones.
+        True if one was."""
+        retired = self.roles.follow_dns(self.instances)
+        for inst in retired:
+            logger.info(
+                f"instance_{inst.state.name.lower()}",
+                pool=self.name,
+                instance=inst.addr,
+                servers=inst.servers,
+                reason="no longer in DNS; the address DNS names is the leader",
+            )
+        return bool(retired)
+
+    def _leader_wal(self, system_id: str | None) -> r.WalHistory | None:
+        """The WAL history of a leader pool of this process on the same cluster, if any."""
+        if system_id is None:
+            return None
+        for pool in self.proxy.pools.values():
+            if pool.roles.leader and pool.roles.system_id == system_id and pool.roles.wal.samples:
+                return pool.roles.wal
+        return None
+
+    def role_reported(self, server: ServerConn, name: str, value: str) -> None:
+        """A server reported a new in_hot_standby, or a default_transaction_read_only its
+        client did not set (promotion, demotion, ALTER SYSTEM + reload): re-judge the role."""
+        inst = server.instance
+        if inst is None or inst.hot_standby is None:
+            return
+        hot, read_only = inst.hot_standby, bool(inst.read_only)
+        if name == "in_hot_standby":
+            hot = bool(r.truthy(value))
+        else:
+            read_only = bool(r.truthy(value))
+        if (hot, read_only) == (inst.hot_standby, inst.read_only):
+            return
+        change = self.roles.observe(inst, hot, read_only, time.monotonic(), self._rng)
+        self._role_learned(inst, change, "reported")
+
+    def _check_roles(self, now: float) -> None:
+        """Janitor: role re-checks by login, periodic role/lag checks on idle servers, and
+        clients failed when no instance has the target role."""
+        if self.proxy.shutting_down:
+            return
+        room = self._limit(now) - self.size
+        for inst in self.roles.recheck_due(self.instances, now):
+            if room <= 0 or self.paused:
+                inst.trial = False
+                continue
+            room -= 1
+            inst.servers += 1
+            self.connecting += 1
+            self._spawn(self._connect(inst))
+        for inst in self.roles.check_due(self.instances, now, self.settings.lag_check_interval):
+            server = self.parked.pop(inst.addr, None)
+            if server is None or server.state is not S_ACTIVE:
+                server = next((s for s in reversed(self.idle) if s.instance is inst), None)
+                if server is None:
+                    if inst.state is InstanceState.LAGGING and not inst.servers and room > 0:
+                        # Its servers are gone: a new one to measure it (parked by _connect).
+                        room -= 1
+                        inst.servers += 1
+                        self.connecting += 1
+                        inst.role_checked = now
+                        self._spawn(self._connect(inst))
+                    continue
+                self._move(server, S_ACTIVE)
+            inst.checking = True
+            self._spawn(self._check(inst, server))
+        if (self.waiters or self.logins) and self.roles.none_match(self.instances):
+            reason = self.roles.mismatch_reason(self.instances)
+            for client in [*self.waiters, *self.logins]:
+                if now - client.wait_started >= ROLE_WAIT:
+                    client.fail(
+                        SQLCLIENT_UNABLE_TO_ESTABLISH, reason, reason="no server with the role"
+                    )
+
+    async def _check(self, inst: Instance, server: ServerConn) -> None:
+        """One role/lag check on a server taken from idle (or parked): then back, or kept
+        parked while its instance lags, or closed if its role is wrong."""
+        last_used = server.last_used
+        try:
+            error, rows = await server.query_internal(r.CHECK_QUERY)
+        except ServerError:
+            return  # connection_lost (or the stall timeout) closed it
+        finally:
+            inst.checking = False
+        if server.state is not S_ACTIVE:
+            return
+        if error is not None or not rows or server.tx_status != _I:
+            self.close_server(server, f"role check failed: {error and error.get('M')}")
+            return
+        now = time.monotonic()
+        check = r.parse_check(rows[0])
+        hot = check.hot_standby
+        inst.role_checked = now
+        self.roles.system_id = check.system_id or self.roles.system_id
+        if self.roles.leader and not hot and check.lsn is not None:
+            self.roles.wal.add(now, check.lsn)
+        change = self.roles.observe(inst, hot, check.read_only, now, self._rng)
+        self._role_learned(inst, change, "check")
+        lag, lag_from = check.lag_s, "replay_timestamp"
+        wal = self._leader_wal(check.system_id) if hot and check.lsn is not None else None
+        if wal is not None and check.lsn is not None:
+            by_lsn = wal.lag(check.lsn, now, 3 * self.settings.lag_check_interval + 1.0)
+            if by_lsn is not None:
+                lag, lag_from = by_lsn, "leader_lsn"
+        changed = self.roles.lag(self.instances, inst, lag if hot else None)
+        for other in changed:
+            lagging = other.state is InstanceState.LAGGING
+            logger.info(
+                "instance_lagging" if lagging else "instance_caught_up",
+                pool=self.name,
+                instance=other.addr,
+                lag_s=None if other.lag_s is None else round(other.lag_s, 1),
+                max_lag_s=self.roles.max_lag,
+                lag_from=lag_from,
+            )
+        if self.roles.all_lagging(self.instances) and self._may_warn("all_lagging", now):
+            logger.warning(
+                "all_instances_lagging",
+                pool=self.name,
+                max_lag_s=self.roles.max_lag,
+                serving=",".join(i.addr for i in self.instances if i.state is InstanceState.UP),
+            )
+        if changed:
+            self._rebalance()  # the new plan first: an instance caught up keeps its servers
+        if inst.state is InstanceState.WRONG_ROLE:
+            self.close_server(server, f"instance role {inst.last_error}")
+        elif inst.state is InstanceState.LAGGING and inst.addr not in self.parked:
+            self.parked[inst.addr] = server
+        else:
+            self._release(server)
+            if server.state is S_IDLE:
+                server.last_used = last_used  # a check is not use: idle timeouts still apply
+        if changed:
+            self._fill()
 
 
 __all__ = ["Pool"]

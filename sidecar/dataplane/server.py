@@ -406,12 +406,14 @@ class ServerConn(asyncio.BaseProtocol):
         self.write(m.query(sql))
         try:
             async with asyncio.timeout(self.pool.settings.server_connect_timeout or None):
-                return await self._internal_answer()
+                return await self._internal_answer(sql)
         except TimeoutError:
             self.pool.close_server(self, "no answer to the proxy's own query (server stalled)")
             raise ServerError(CONNECTION_FAILURE, "server stalled", retryable=True) from None
 
-    async def _internal_answer(self) -> tuple[dict[str, str] | None, list[list[str | None]]]:
+    async def _internal_answer(
+        self, sql: str
+    ) -> tuple[dict[str, str] | None, list[list[str | None]]]:
         error: dict[str, str] | None = None
         rows: list[list[str | None]] = []
         while True:
@@ -422,6 +424,10 @@ class ServerConn(asyncio.BaseProtocol):
             if typ == _S:
                 name, value = m.parse_parameter_status(body)
                 self.params[name] = value
+                if name in ROLE_PARAMS and name not in sql and self.instance is not None:
+                    # A reload or promotion that landed on our own query (the settings sync,
+                    # a check): the role changed, not a setting we made.
+                    self.pool.role_reported(self, name, value)
             elif typ == ord("D"):
                 rows.append(m.parse_data_row(body))
             elif typ == ord("A") and self.client is not None:
