@@ -5,6 +5,7 @@
 #   make demo    leader + 2 streaming followers + round-robin DNS, bin/start-sidecar around a
 #                small workload, stats lines spreading connections; stops everything (< 90 s);
 #                ARGS=--hold keeps it running and prints an admin console command (Ctrl-C stops)
+#                ARGS=--failover: a leader failover behind a DNS name, followed by the sidecar
 #   make test    the test suite (the same pytest command as .ci/run)
 #   make lint    ruff check, ruff format --check, mypy
 #   make bench   bench/run.py
@@ -18,7 +19,7 @@ ARGS ?=
 .PHONY: help demo test lint bench bootstrap
 
 help:
-	@sed -n '5,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# //'
+	@sed -n '5,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# //'
 
 bootstrap:
 	scripts/bootstrap
