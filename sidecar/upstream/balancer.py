@@ -15,6 +15,9 @@ Rules, per address:
   every STALE_CHECK_INTERVAL. Stale and failing (QUARANTINED, or a failure while stale):
   DRAINING while it still has servers, else FORGOTTEN. DRAINING with no servers left: FORGOTTEN.
 - FORGOTTEN instances leave the set; named by DNS later, they come back as new.
+- WRONG_ROLE (its role does not match the pool's target) and LAGGING (a standby behind the
+  pool's lag limit) are set and cleared by roles.Roles: never chosen, every server retired as
+  for DRAINING. A WRONG_ROLE instance unseen by DNS for forget_after is retired too.
 
 Why staleness alone never takes a healthy instance out of rotation: a pool endpoint's DNS
 rotates one address per answer across ALL its clients, so with 13 instances and a query every
@@ -277,8 +280,8 @@ class InstanceSet:
             if i.state is InstanceState.UP and (cap <= 0 or i.servers < cap)
         ]
         if up:
-            best = min(i.rank for i in up)
-            if best or any(i.rank for i in up):
+            if any(i.rank for i in up):  # prefer-standby: standbys first
+                best = min(i.rank for i in up)
                 up = [i for i in up if i.rank == best]
             fewest = min(i.servers for i in up)
             return rng.choice([i for i in up if i.servers == fewest])
