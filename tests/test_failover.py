@@ -397,3 +397,54 @@ async def test_paused_replay_takes_a_follower_out_until_it_catches_up(
     lagging = [line for line in log_events(proxy, "instance_lagging") if f"={f1.addr} " in line]
     assert lagging and all(f"lag_from={lag_from}" in line for line in lagging), lagging
     assert any(f"instance={f1.addr}" in line for line in log_events(proxy, "instance_caught_up"))
+
+
+async def test_leader_made_read_only_in_place_is_left_and_comes_back(
+    cluster: ReplicaCluster, proxy_factory: ProxyFactory
+) -> None:
+    """No DNS: the pool's only instance turns read-only (ALTER SYSTEM + reload). What its
+    server reports ends its use at once: one 25006 at most, then a clear 08001; when it is
+    writable again, a re-check login brings it back."""
+    table = cluster.leader.create_table("id int PRIMARY KEY")
+    cluster.wait_replayed()
+    a = cluster.followers[0]
+    promote(a)
+    proxy = proxy_factory(f"appdb={a.url()}", SIDECAR_SERVER_TLS_SSLMODE="require")
+    conn = await asyncpg.connect(**proxy.asyncpg_params())
+    sql = f"INSERT INTO {table} (id) VALUES ($1)"
+    await conn.execute(sql, 1)
+    a.query("ALTER SYSTEM SET default_transaction_read_only = on")
+    a.query("SELECT pg_reload_conf()")
+    errors: list[str] = []
+    n = 1
+    deadline = time.monotonic() + 20
+    while not any(e.startswith("08") for e in errors):
+        assert time.monotonic() < deadline, errors
+        n += 1
+        try:
+            if conn.is_closed():
+                conn = await asyncpg.connect(**proxy.asyncpg_params())
+            await conn.execute(sql, n, timeout=15)
+        except asyncpg.PostgresError as e:
+            errors.append(f"{e.sqlstate} {e}")
+    assert len([e for e in errors if e.startswith("25006")]) <= 1, errors
+    assert "target_session_attrs=read-write" in errors[-1], errors
+    assert "read-only-primary" in errors[-1], errors
+    wrong = [line for line in log_events(proxy, "instance_wrong_role") if f"={a.addr} " in line]
+    assert wrong, proxy.log_text()[-3000:]
+    print(f"in place: errors {errors}; {wrong[0]}")
+    a.query("ALTER SYSTEM RESET default_transaction_read_only")
+    a.query("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 20
+    while True:
+        n += 1
+        try:
+            if conn.is_closed():
+                conn = await asyncpg.connect(**proxy.asyncpg_params())
+            await conn.execute(sql, n, timeout=15)
+            break
+        except asyncpg.PostgresError as e:
+            assert e.sqlstate.startswith("08"), e
+            assert time.monotonic() < deadline, "never writable again"
+    await conn.close()
+    assert any(f"={a.addr} " in line for line in log_events(proxy, "instance_role_ok"))
