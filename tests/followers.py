@@ -246,6 +246,8 @@ class ReplicaCluster:
             raise RuntimeError(f"at most {len(FOLLOWER_ADDRS)} followers")
         follower = Follower.create(self.leader, free[0], self.cert, self.key)
         self.followers.append(follower)
+        # In address order, whatever was removed before (tests expect .2 before .3).
+        self.followers.sort(key=lambda f: FOLLOWER_ADDRS.index(f.addr))
         return follower
 
     def remove_follower(self, follower: Follower) -> None:

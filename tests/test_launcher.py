@@ -360,7 +360,8 @@ def test_heroku_enhanced_certificate_url_and_pgsslmode_require(
     assert "SSL connection (protocol: TLSv1." in report["psql"], report["psql"]
     assert report["psycopg"] == ["appdb", True]
     assert report["asyncpg"] == ["appdb", True]
-    [pool] = sidecar_lines(res.out, "pool")
+    # the start-up line (with upstream=...), not the role line a first login adds
+    [pool] = [line for line in sidecar_lines(res.out, "pool") if " upstream=" in line]
     assert "sslmode=verify-full" in pool, pool
     # and the server side verified: a wrong root would have failed the start of every server
     assert sidecar_lines(res.out, "server_connect"), res.out
