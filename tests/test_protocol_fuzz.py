@@ -703,14 +703,12 @@ def ctx_state(ctx: ServerStatements | None) -> tuple[object, ...]:
         ctx.batch_closes,
         {k: specials(v) for k, v in ctx.fixups.items()},
         specials(ctx.open_specials),
-        {k: [(s.name, s.stale) for s in v] for k, v in ctx.binds.items()},
-        [(s.name, s.stale) for s in ctx.open_binds],
     )
 
 
 def frontend_state(fe: Frontend) -> tuple[object, ...]:
     return (
-        sorted((k, s.name, s.stale, s.confirmed) for k, s in fe.statements.items()),
+        sorted((k, s.name, s.confirmed) for k, s in fe.statements.items()),
         fe.flags,
         list(fe.set_names),
         fe.dirty_tail,
@@ -904,7 +902,7 @@ def test_backend_chunking_never_changes_output(
     (a server says nothing after one), fed at once or in random chunks until a FATAL is cut:
     the same bytes out (what the Backend returned, then `cut` if it cut a FATAL), the same
     summed zs, xacts and errors, the same final tx_status and at_boundary (True), and the
-    same statement context (LRU, sent_syncs, recv_z, fixups, bookings, stale plans). With
+    same statement context (LRU, sent_syncs, recv_z, fixups, bookings). With
     nothing to fix up, what comes out (returned, then cut) is the input, byte for byte."""
     stream = session.answer
     if data.draw(st.booleans()):  # the server dies after any message

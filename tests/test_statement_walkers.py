@@ -203,13 +203,16 @@ def test_named_parse_is_renamed_and_its_answer_passes() -> None:
     answer = PARAMETER_DESCRIPTION + NO_DATA + ready()
     assert link.recv(PREPARED + answer) == PARSE_COMPLETE + answer
     assert stmt.confirmed and link.settled()
-    # another client's Parse of the same text (and types) gets the same proxy-wide name
+    # another client's Parse of the same text (and types) is a new generation, parsed again
     other = Link(link.registry)
     other.send(parse("theirs", SELECT_ONE, [23]) + SYNC)
-    assert other.fe.statements[b"theirs"] is stmt
+    theirs = other.fe.statements[b"theirs"]
+    assert theirs.name == b"sidecar_2" and theirs.rest == stmt.rest
+    assert link.registry.newest(stmt) is theirs
     # other parameter types make another statement
     other.send(parse("typed", SELECT_ONE, [20]) + SYNC)
-    assert other.fe.statements[b"typed"].name == b"sidecar_2"
+    assert other.fe.statements[b"typed"].name == b"sidecar_3"
+    assert len(link.registry) == 2
 
 
 def test_unnamed_statements_are_not_renamed() -> None:
@@ -261,21 +264,48 @@ def test_injected_parse_before_a_statement_describe() -> None:
     assert second.send(data) == data
 
 
-def test_parse_of_a_statement_the_server_has_becomes_a_close_answered_as_parse_complete() -> None:
+def test_parse_of_a_text_the_server_has_is_parsed_again_under_a_new_name() -> None:
+    """The server's copy was planned before this client's Parse, maybe before a schema change
+    (0A000 / XX000 for a client that PostgreSQL would give a fresh plan): parse it afresh."""
     registry = Registry()
     link = prepared(registry)
-    # a second client prepares the same text on the same server
     again = Link(registry)
     again.ctx = link.ctx
     again.be = link.be
     out = again.send(parse("mine", SELECT_ONE, [23]) + bind("mine", b"1") + execute() + SYNC)
-    stand_in, rest = split_messages(out)[0], split_messages(out)[1:]
-    assert stand_in[:1] == b"C" and stand_in[5:6] == b"S"
-    assert stand_in[6:-1] != b"sidecar_1", "the stand-in must not close the real statement"
-    assert rest == [bind("sidecar_1", b"1"), execute(), SYNC]
+    assert split_messages(out) == [
+        *proxy_prepares("sidecar_2", SELECT_ONE, [23]),
+        bind("sidecar_2", b"1"),
+        execute(),
+        SYNC,
+    ]
     rows = BIND_COMPLETE + data_row(b"2") + complete("SELECT 1") + ready()
-    assert again.recv(CLOSE_COMPLETE + rows) == PARSE_COMPLETE + rows
-    assert again.fe.statements[b"mine"].name == b"sidecar_1"
+    assert again.recv(PREPARED + rows) == PARSE_COMPLETE + rows
+    assert again.fe.statements[b"mine"].name == b"sidecar_2"
+    assert link.lru == [b"sidecar_1", b"sidecar_2"]
+    # the first client keeps its own generation where the server has it
+    assert link.send(bind("s1", b"1") + SYNC) == bind("sidecar_1", b"1") + SYNC
+
+
+def test_a_miss_moves_the_client_to_the_newest_generation() -> None:
+    registry = Registry()
+    first = prepared(registry)  # sidecar_1
+    second = prepared(registry, name="s2")  # sidecar_2, another client on another server
+    assert second.fe.statements[b"s2"].name == b"sidecar_2"
+    # the first client on the second server: it lacks sidecar_1 but has the newer sidecar_2,
+    # prepared after the first client's Parse
+    moved = Link(registry, first.fe)
+    moved.ctx, moved.be = second.ctx, second.be
+    assert moved.send(bind("s1", b"1") + SYNC) == bind("sidecar_2", b"1") + SYNC
+    assert first.fe.statements[b"s1"].name == b"sidecar_2"
+    assert moved.recv(BIND_COMPLETE + ready()) == BIND_COMPLETE + ready()
+    # on a third server with neither, the newest is prepared
+    third = Link(registry, first.fe)
+    assert split_messages(third.send(describe(b"S", "s1") + SYNC)) == [
+        *proxy_prepares("sidecar_2", SELECT_ONE, [23]),
+        describe(b"S", "sidecar_2"),
+        SYNC,
+    ]
 
 
 def test_client_close_of_a_statement_is_its_own() -> None:
@@ -374,9 +404,9 @@ def test_error_mid_batch_forgets_statements_the_server_never_parsed() -> None:
     assert link.lru == [b"sidecar_1", b"sidecar_2"]
     assert set(link.fe.statements) == {b"s0", b"s1"}, "s2 never existed for the client"
     assert link.settled()
-    # s2 is parsed again next time, under the same proxy-wide name
+    # s2 is parsed again next time (a Parse is always a new generation)
     out = link.send(parse("s2", "select 2") + SYNC)
-    assert split_messages(out) == [*proxy_prepares("sidecar_3", "select 2"), SYNC]
+    assert split_messages(out) == [*proxy_prepares("sidecar_4", "select 2"), SYNC]
 
 
 def test_error_before_an_injected_parse_forgets_it_but_keeps_the_clients_name() -> None:
@@ -597,10 +627,12 @@ def test_local_prepare() -> None:
     known = parse("mine", SELECT_ONE, [23])
     result = local_prepare(known + parse("again", SELECT_ONE, [23]) + SYNC, registry)
     assert result is not None
+    # new generations, parsed by a server at their first use
     assert [(name, stmt.name) for name, stmt in result] == [
-        (b"mine", b"sidecar_1"),
-        (b"again", b"sidecar_1"),
+        (b"mine", b"sidecar_2"),
+        (b"again", b"sidecar_3"),
     ]
+    assert all(stmt.confirmed for _name, stmt in result)
     for data in (
         known,  # no Sync
         known + FLUSH,

@@ -28,7 +28,6 @@ _WHOLE_PLAIN = b"ZSEG"
 _WHOLE = _WHOLE_PLAIN + b"13"
 _EVERY = bytes(range(256))
 _COPY_IN_RESPONSE = ord("G")
-PARSE_COMPLETE_MSG = b"1\x00\x00\x00\x04"
 
 
 # The severity fields of a FATAL/PANIC ErrorResponse: S (maybe localized) comes first, V (never
@@ -143,7 +142,7 @@ class Backend:
                 if status == _I:
                     xacts += 1
                 if ctx is not None:
-                    if ctx.fixups or ctx.binds:
+                    if ctx.fixups:
                         repl = self._ready(ctx)
                         if repl is not None:
                             # A stand-in's CommandComplete goes before the ReadyForQuery.
@@ -218,17 +217,9 @@ class Backend:
         if typ == _E:
             self.rare = True
             self.errors += 1
-            body = data[pos + 5 : end]
             fatal = _is_fatal(data, pos, end)
             if fatal:
                 self.fatal = True
-            if ctx is not None and b"C0A000\x00" in body:
-                # "cached plan must not change result type": the next Parse of these texts
-                # must make a fresh statement, not reuse the proxy's.
-                batch = ctx.recv_z + 1
-                bound = ctx.binds.get(batch) if batch <= ctx.sent_syncs else ctx.open_binds
-                for stmt in bound or ():
-                    stmt.stale = True
             if ctx is not None and ctx.fixups and self._replacing(ctx) and not fatal:
                 # The stand-in's error would not be the client's; a FATAL is everyone's news.
                 return b""
@@ -253,9 +244,7 @@ class Backend:
         for sp in specials:
             if sp.kind == _CLOSE_COMPLETE and sp.ordinal == ordinal:
                 sp.confirmed = True
-                if sp.fix is Fix.SWALLOW:
-                    return b""
-                return PARSE_COMPLETE_MSG if sp.fix is Fix.AS_PARSE else None
+                return b"" if sp.fix is Fix.SWALLOW else None
         return None
 
     def _current(self, ctx: ServerStatements) -> list[Special] | None:
@@ -273,8 +262,6 @@ class Backend:
         """ReadyForQuery ends a batch: settle its specials."""
         ctx.recv_z += 1
         self._batch_parses = self._batch_closes = 0
-        if ctx.binds:
-            ctx.binds.pop(ctx.recv_z, None)
         specials = ctx.fixups.pop(ctx.recv_z, None) if ctx.fixups else None
         if not specials:
             return None

@@ -185,9 +185,10 @@ def local_prepare(data: bytes, registry: Registry) -> list[tuple[bytes, Statemen
     (client name, statement) pairs, so the proxy can answer without a server; else None.
 
     A client that prepares while holding no server (libpq's PQprepare, pgbench -M prepared)
-    then never waits for one, and cannot block its thread behind a busy pool.
+    then never waits for one, and cannot block its thread behind a busy pool. Each Parse still
+    makes a new generation (see statements.py): the server parses it at its first use.
     """
-    out: list[tuple[bytes, Statement]] = []
+    found: list[tuple[bytes, bytes, int]] = []
     pos = 0
     n = len(data)
     while n - pos >= 5 and data[pos] == _P:
@@ -198,13 +199,14 @@ def local_prepare(data: bytes, registry: Registry) -> list[tuple[bytes, Statemen
         nul = data.find(b"\x00", pos + 5, end)
         if nul <= pos + 5:  # malformed, or the unnamed statement
             return None
-        stmt = registry.known(data[nul + 1 : end])
+        rest = data[nul + 1 : end]
+        stmt = registry.known(rest)
         if stmt is None or stmt.flags:
             return None
-        out.append((data[pos + 5 : nul], stmt))
+        found.append((data[pos + 5 : nul], rest, stmt.flags))
         pos = end
-    if out and data[pos:] == SYNC_MSG:
-        return out
+    if found and data[pos:] == SYNC_MSG:
+        return [(name, registry.new(rest, flags)) for name, rest, flags in found]
     return None
 
 
@@ -442,9 +444,12 @@ class Frontend:
             stmt = self.statements.get(name) if name and ctx is not None else None
             repl = None
             if stmt is not None and ctx is not None:
-                body = data[start : nul + 1] + stmt.name + data[nul2:end]
-                repl = self._ensure(stmt, ctx) + message(b"B", body)
-                ctx.open_binds.append(stmt)
+                if stmt.name in ctx.lru:
+                    ctx.lru.move_to_end(stmt.name)
+                    prefix = b""
+                else:
+                    prefix, stmt = self._miss(name, stmt, ctx, registry)
+                repl = prefix + message(b"B", data[start : nul + 1] + stmt.name + data[nul2:end])
             if effects is not None:
                 self._ran(effects, ctx)
             return repl
@@ -459,7 +464,12 @@ class Frontend:
             stmt = self.statements.get(name) if name else None
             if stmt is None:
                 return None
-            return self._ensure(stmt, ctx) + message(b"D", b"S" + stmt.name + b"\x00")
+            if stmt.name in ctx.lru:
+                ctx.lru.move_to_end(stmt.name)
+                prefix = b""
+            else:
+                prefix, stmt = self._miss(name, stmt, ctx, registry)
+            return prefix + message(b"D", b"S" + stmt.name + b"\x00")
         # Close: a client's name means nothing to the server, where Close of an unknown name
         # succeeds, so forwarding it as is gives the client its CloseComplete in place.
         if end - start >= 2 and data[start] == _S:
@@ -521,30 +531,38 @@ class Frontend:
         ctx: ServerStatements,
         registry: Registry,
     ) -> bytes:
-        stmt = registry.get(rest, flags)
+        """A client's own Parse: a new generation, parsed by the server now, as PostgreSQL
+        would parse it, even if the server holds an older one of the same text (planned
+        before this Parse, maybe before a schema change: see statements.py)."""
+        stmt = registry.new(rest, flags)
         self.statements[name] = stmt
-        ordinal = ctx.batch_parses
-        if stmt.name in ctx.lru:
-            # Already prepared there: a Close of nothing stands in, its CloseComplete
-            # becomes the client's ParseComplete.
-            ctx.lru.move_to_end(stmt.name)
-            ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.AS_PARSE))
-            ctx.batch_closes += 1
-            return message(b"C", b"Ssidecar_none\x00")
+        # A fresh name, so the server cannot hold it; the Close anyway keeps every Parse the
+        # proxy sends on one pattern (a CloseComplete swallowed, on a rare path).
         evict = self._remember(stmt, ctx) + self._unprepare(stmt, ctx)
-        ctx.open_specials.append(Special(ord("1"), ordinal, Fix.PASS, stmt, self.statements, name))
+        ctx.open_specials.append(
+            Special(ord("1"), ctx.batch_parses, Fix.PASS, stmt, self.statements, name)
+        )
         ctx.batch_parses += 1
         return evict + stmt.parse_msg
 
-    def _ensure(self, stmt: Statement, ctx: ServerStatements) -> bytes:
-        """Bytes to put before a use of `stmt`: its Parse if this server lacks it."""
-        if stmt.name in ctx.lru:
-            ctx.lru.move_to_end(stmt.name)
-            return b""
+    def _miss(
+        self, name: bytes, stmt: Statement, ctx: ServerStatements, registry: Registry | None
+    ) -> tuple[bytes, Statement]:
+        """The server lacks the client's generation of a statement it binds or describes: use
+        the newest generation of its text (prepared after the client's Parse wherever it is),
+        preparing it first if this server lacks that one too. (bytes to put before the use,
+        the generation to name in it)"""
+        if registry is not None:
+            newest = registry.newest(stmt)
+            if newest is not stmt:
+                self.statements[name] = stmt = newest
+                if stmt.name in ctx.lru:
+                    ctx.lru.move_to_end(stmt.name)
+                    return b"", stmt
         evict = self._remember(stmt, ctx) + self._unprepare(stmt, ctx)
         ctx.open_specials.append(Special(ord("1"), ctx.batch_parses, Fix.SWALLOW, stmt))
         ctx.batch_parses += 1
-        return evict + stmt.parse_msg
+        return evict + stmt.parse_msg, stmt
 
     def _unprepare(self, stmt: Statement, ctx: ServerStatements) -> bytes:
         """A Close of `stmt` right before the proxy prepares it. The LRU can believe a
@@ -570,21 +588,12 @@ class Frontend:
         for _ in range(count):
             merged = ctx.fixups.pop(ctx.sent_syncs, [])
             ctx.open_specials[:0] = merged
-            ctx.open_binds[:0] = ctx.binds.pop(ctx.sent_syncs, [])
             ctx.sent_syncs -= 1
 
     def _request(self, ctx: ServerStatements) -> None:
         """A Query, Sync or FunctionCall went out: the server will close a batch there."""
         ctx.sent_syncs += 1
         ctx.batch_parses = ctx.batch_closes = 0
-        if ctx.open_specials or ctx.open_binds:
-            self._sync_point(ctx)
-
-    def _sync_point(self, ctx: ServerStatements) -> None:
-        """A sync point ended a batch with specials or binds (sent_syncs already counted)."""
         if ctx.open_specials:
             ctx.fixups[ctx.sent_syncs] = ctx.open_specials
             ctx.open_specials = []
-        if ctx.open_binds:
-            ctx.binds[ctx.sent_syncs] = ctx.open_binds
-            ctx.open_binds = []

@@ -1,8 +1,33 @@
 """Prepared-statement bookkeeping shared by the two stream walkers (frontend and backend).
 
-A client's named statement maps to a proxy-wide `Statement` (one per distinct query text and
-parameter types). Each server connection remembers which of those it has prepared (an LRU)
-and which responses of its in-flight batches the proxy must swallow or rewrite.
+A client's named statement maps to a proxy-wide `Statement`: one *generation* of a distinct
+(query text, parameter types), under a server-side name of the proxy's (`sidecar_N`). Each
+server connection remembers which generations it has prepared (an LRU) and which responses of
+its in-flight batches the proxy must swallow or rewrite.
+
+Why generations (statements across schema changes). PostgreSQL plans a prepared statement
+when it is parsed and, at each use, revalidates the plan against the catalog: a statement
+whose result type changed since its Parse fails with `0A000 cached plan must not change result
+type`, one whose parameter type was dropped with `XX000 cache lookup failed for type N`. Both
+are right for the client that parsed before the change; a client whose own Parse comes after
+the change never sees them directly. So a server copy may serve a client only if the server
+prepared it at or after that client's Parse:
+
+- every client Parse makes a new generation (a fresh server name, the newest for its text) and
+  is sent to the server as a real Parse, as PostgreSQL would run it: one message, no round
+  trip, whatever the server already holds;
+- a client's Bind or Describe on a server that lacks its generation uses the text's newest
+  generation instead (the client's statement then maps to it), preparing it there if needed:
+  every copy of a generation was prepared after it was made, so after every Parse of the
+  clients mapped to it. Servers converge on the newest generation; older ones age out of the
+  LRU.
+
+This holds whether the schema change went through the proxy or not (a release-phase migration
+run directly): nothing needs to see the DDL, and no failed statement is replayed. Errors that
+remain are the ones PostgreSQL gives the same client directly (its own statement parsed before
+the change). What is not exact: a statement parsed before a change and then prepared afresh on
+another server runs with the new plan, where PostgreSQL would refuse it with 0A000 if the
+result type changed (the proxy cannot compare row shapes without a round trip).
 
 A *batch* is everything up to and including one request that ends with ReadyForQuery (Sync,
 Query, FunctionCall); batches are numbered per server by the ReadyForQuery they end with.
@@ -19,16 +44,16 @@ from .messages import message
 
 
 class Statement:
-    """One distinct (query, parameter types) under its proxy-wide name."""
+    """One generation of a distinct (query, parameter types), under its proxy-wide name."""
 
-    __slots__ = ("confirmed", "flags", "name", "parse_msg", "stale")
+    __slots__ = ("confirmed", "flags", "name", "parse_msg", "rest")
 
-    def __init__(self, name: bytes, rest: bytes, flags: int) -> None:
+    def __init__(self, name: bytes, rest: bytes, flags: int, confirmed: bool = False) -> None:
         self.name = name
-        #: Some server has parsed it successfully.
-        self.confirmed = False
-        #: A server said its plan no longer fits (0A000 after DDL): new Parses get a new name.
-        self.stale = False
+        #: The Parse body after the statement name (query, parameter types): the registry key.
+        self.rest = rest
+        #: Some server has parsed this text successfully.
+        self.confirmed = confirmed
         # The Parse a server gets when it lacks this statement: server name + client's body.
         self.parse_msg = message(b"P", name + b"\x00" + rest)
         #: What the query text does to the session (see frontend.Q_* flags).
@@ -36,7 +61,7 @@ class Statement:
 
 
 class Registry:
-    """Proxy-wide names for statements, per pool."""
+    """Proxy-wide names for statements, per pool: the newest generation of each text."""
 
     __slots__ = ("_by_key", "_next")
 
@@ -44,19 +69,23 @@ class Registry:
         self._by_key: dict[bytes, Statement] = {}
         self._next = 0
 
-    def get(self, rest: bytes, flags: int) -> Statement:
-        """`rest` is a Parse body after the statement name: query, parameter types."""
-        stmt = self._by_key.get(rest)
-        if stmt is None or stmt.stale:
-            self._next += 1
-            stmt = Statement(b"sidecar_%d" % self._next, rest, flags)
-            self._by_key[rest] = stmt
+    def new(self, rest: bytes, flags: int) -> Statement:
+        """A client parses `rest` (a Parse body after the statement name: query, parameter
+        types): a fresh generation, from now on the newest of its text."""
+        old = self._by_key.get(rest)
+        self._next += 1
+        stmt = Statement(b"sidecar_%d" % self._next, rest, flags, old is not None and old.confirmed)
+        self._by_key[rest] = stmt
         return stmt
 
+    def newest(self, stmt: Statement) -> Statement:
+        """The newest generation of `stmt`'s text."""
+        return self._by_key.get(stmt.rest, stmt)
+
     def known(self, rest: bytes) -> Statement | None:
-        """The statement for this text if a server has already accepted it."""
+        """The newest generation of this text if a server has already accepted the text."""
         stmt = self._by_key.get(rest)
-        return stmt if stmt is not None and stmt.confirmed and not stmt.stale else None
+        return stmt if stmt is not None and stmt.confirmed else None
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -65,9 +94,6 @@ class Registry:
 class Fix(enum.Enum):
     PASS = "pass"  #: a client's own Parse of a named statement: forward its ParseComplete
     SWALLOW = "swallow"  #: a message the proxy injected: drop its response
-    AS_PARSE = (
-        "as_parse"  #: a stand-in Close for a Parse the server needs not run: say ParseComplete
-    )
     REPLACE = "replace"  #: a stand-in empty Query: answer with `tag` instead
 
 
@@ -102,11 +128,9 @@ class ServerStatements:
     __slots__ = (
         "batch_closes",
         "batch_parses",
-        "binds",
         "cap",
         "fixups",
         "lru",
-        "open_binds",
         "open_specials",
         "recv_z",
         "sent_syncs",
@@ -124,9 +148,6 @@ class ServerStatements:
         self.batch_closes = 0
         self.open_specials: list[Special] = []
         self.fixups: dict[int, list[Special]] = {}
-        # Statements bound per batch, as fixups: the culprits if the server reports a stale plan.
-        self.open_binds: list[Statement] = []
-        self.binds: dict[int, list[Statement]] = {}
 
     @property
     def settled(self) -> bool:
