@@ -306,10 +306,11 @@ FRONTEND_HELD = b"QPBDC"
 EXTENDED = b"PBCDEH"
 COPY = b"dcf"
 REQUESTS = b"QSF"
-#: Held back whole by Backend: ReadyForQuery, ParameterStatus, ErrorResponse, CopyInResponse.
+#: Held back whole by Backend: ReadyForQuery, ParameterStatus, ErrorResponse, CopyInResponse,
+#: NotificationResponse.
 #: (ParseComplete and CloseComplete too while statement fixups are pending: only in the "link"
 #: mode, which the reference checks loosely.)
-BACKEND_HELD = b"ZSEG"
+BACKEND_HELD = b"ZSEGA"
 
 
 def i16(v: int) -> bytes:

@@ -942,3 +942,26 @@ def test_parse_without_the_querys_nul_is_refused() -> None:
     bad = msg(b"P", b"s1\x00select 1")  # no NUL after the query, no parameter count
     with pytest.raises(ProtocolError, match="invalid string"):
         Frontend(inspect=True).feed(bad + query("LISTEN x"))
+
+
+# --- notifications --------------------------------------------------------------------------------
+
+
+def test_notification_from_the_backend_itself_names_the_clients_pid() -> None:
+    be = Backend()
+    be.own_pid, be.client_pid = 4242, 777
+
+    def notify(pid: int, payload: str) -> bytes:
+        return msg(b"A", i32(pid) + cstr("chan") + cstr(payload))
+
+    rows = data_row(b"1") + complete("SELECT 1")
+    out = be.feed(rows + notify(4242, "mine") + notify(9999, "theirs") + ready())
+    assert out == rows + notify(777, "mine") + notify(9999, "theirs") + ready()
+    # split anywhere, the same
+    whole = notify(4242, "x") + ready()
+    assert be.feed(whole[:3]) + be.feed(whole[3:7]) + be.feed(whole[7:]) == (
+        notify(777, "x") + ready()
+    )
+    # no client linked: as is
+    be.client_pid = 0
+    assert be.feed(whole) == whole

@@ -338,6 +338,7 @@ class ClientConn(asyncio.Protocol):
         """Linked to `server`: send what was buffered while waiting, then forward directly."""
         self.server = server
         self.state = C_LINKED
+        server.backend.client_pid = self.pid
         buffer = self.buffer
         if buffer:
             data = buffer[0] if len(buffer) == 1 else b"".join(buffer)

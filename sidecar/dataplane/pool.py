@@ -112,6 +112,11 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _plain_name(value: str) -> bool:
+    """An application_name PostgreSQL keeps as it is: printable ASCII, under NAMEDATALEN."""
+    return len(value) < 64 and all(" " <= ch <= "~" for ch in value)
+
+
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -216,11 +221,69 @@ class Pool:
     def login(self, client: ClientConn) -> None:
         """An authenticated client needs the servers' parameters before its ReadyForQuery."""
         if self.defaults is not None:
-            client.finish_login()
+            self._answer_login(client)
             return
         client.wait_started = time.monotonic()
         self.logins.append(client)
         self._fill(force=1)
+
+    def _answer_login(self, client: ClientConn) -> None:
+        """Tell the client its session parameters as PostgreSQL spells them (`UTF8` for the
+        `utf8` it asked for, `ISO, MDY` for `iso, mdy`): settings whose spelling the pool has
+        not learned yet are first tried on an idle server, where a value PostgreSQL refuses
+        fails the login as it would directly. Without an idle server the login goes on, and
+        the first link corrects the spelling (see _sync_then_flush)."""
+        unknown = self._unspelled(client.params)
+        if unknown and self.idle and not self.waiters and not self.paused:
+            server = self.idle[-1]
+            self._move(server, S_ACTIVE)
+            self._spawn(self._learn_spelling(client, server, unknown))
+            return
+        client.finish_login()
+
+    def _unspelled(self, params: dict[str, str]) -> dict[str, str]:
+        """Reported settings among `params` whose spelling by the server is not known."""
+        defaults = self.defaults or {}
+        return {
+            k: v
+            for k, v in params.items()
+            if k in defaults
+            and k not in FIXED
+            and v != defaults[k]
+            and (k, v) not in self._canon
+            and not (k == "application_name" and _plain_name(v))
+        }
+
+    async def _learn_spelling(
+        self, client: ClientConn, server: ServerConn, unknown: dict[str, str]
+    ) -> None:
+        # set_config(..., true) lasts until the end of the query's own transaction: the
+        # server's session is unchanged afterwards.
+        sets = (
+            f"pg_catalog.set_config({_literal(k)}, {_literal(v)}, true)" for k, v in unknown.items()
+        )
+        try:
+            error, rows = await server.query_internal("SELECT " + ", ".join(sets))
+        except ServerError:
+            client.finish_login()  # the server is gone (server_lost said why); carry on
+            return
+        if server.state is S_ACTIVE and server.client is None:
+            self._release(server)
+        if error is not None:
+            if client.state is C_LOGIN:
+                client.fail(
+                    error.get("C", "22023"),
+                    error.get("M", "invalid setting"),
+                    reason="invalid session setting",
+                )
+            return
+        if rows:
+            if len(self._canon) > 1000:
+                self._canon.clear()  # many distinct values: start over rather than grow
+            for (key, value), spelled in zip(unknown.items(), rows[0], strict=False):
+                if spelled is not None:
+                    self._canon[(key, value)] = spelled
+        client.finish_login()
 
     def acquire(self, client: ClientConn) -> None:
         """The client has bytes for a server: link one now, or queue the client."""
@@ -563,11 +626,20 @@ class Pool:
                 reason="invalid session setting",
             )
             return
-        # Learn how the server spells what the client asked for, so the next link needs no SET.
+        # Learn how the server spells what the client asked for, so the next link needs no SET;
+        # a client told another spelling at login (no idle server then) hears the server's.
+        respelled = []
         for key, value in list(client.params.items()):
             if key in defaults and key in server.params and key not in FIXED:
-                self._canon[(key, value)] = server.params[key]
-                client.params[key] = server.params[key]
+                spelled = server.params[key]
+                self._canon[(key, value)] = spelled
+                if spelled != value:
+                    client.params[key] = spelled
+                    if client.startup_params.get(key) == value:
+                        client.startup_params[key] = spelled
+                        respelled.append(m.parameter_status(key, spelled))
+        if respelled:
+            client.write(b"".join(respelled))
         client.flush_to(server)
 
     def close_server(self, server: ServerConn, reason: str) -> None:
@@ -721,15 +793,17 @@ class Pool:
                 backend_pid=server.pid,
                 tls=server.tls,
             )
-        if self.logins:
-            logins, self.logins = self.logins, []
-            for client in logins:
-                client.finish_login()
         if inst.state is InstanceState.LAGGING and inst.addr not in self.parked:
             self._move(server, S_ACTIVE)  # held for the lag check: no client gets it
             self.parked[inst.addr] = server
-            return
-        self._release(server)
+        else:
+            # Idle before the waiting logins are answered: one may need it to learn how the
+            # server spells its settings (_answer_login).
+            self._release(server)
+        if self.logins:
+            logins, self.logins = self.logins, []
+            for client in logins:
+                self._answer_login(client)
 
     def _connect_failed(self, inst: Instance, exc: ServerError) -> None:
         self.connecting -= 1

@@ -12,6 +12,7 @@ import enum
 import random
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
@@ -431,7 +432,10 @@ class ServerConn(asyncio.BaseProtocol):
             elif typ == ord("D"):
                 rows.append(m.parse_data_row(body))
             elif typ == ord("A") and self.client is not None:
-                # A NOTIFY for a pinned LISTEN client, arriving during our own query.
+                # A NOTIFY for a pinned LISTEN client, arriving during our own query: about
+                # this backend itself, it names the client's process id (see Backend).
+                if body[:4] == struct.pack("!i", self.pid):
+                    body = struct.pack("!i", self.client.pid) + body[4:]
                 self.client.write(m.message(b"A", body))
             elif typ == ord("E") and error is None:
                 error = m.parse_error_fields(body)
@@ -542,6 +546,7 @@ class ServerConn(asyncio.BaseProtocol):
                 self.params[name] = value
             elif typ == ord("K"):
                 self.pid, self.secret = m.parse_backend_key(body)
+                self.backend.own_pid = self.pid
             elif typ == _Z:
                 self.backend.tx_status = body[0]
                 break

@@ -15,6 +15,7 @@ from .messages import MAX_MESSAGE_LENGTH, message, parse_parameter_status
 from .statements import Fix, ServerStatements, Special
 
 _unpack_i32 = struct.Struct("!i").unpack_from
+_pack_i32 = struct.Struct("!i").pack
 
 _Z = ord("Z")
 _S = ord("S")
@@ -22,9 +23,10 @@ _E = ord("E")
 _I = ord("I")
 _PARSE_COMPLETE = ord("1")
 _CLOSE_COMPLETE = ord("3")
-# Read whole: ReadyForQuery, ParameterStatus, ErrorResponse, CopyInResponse; and with
-# statement fixups pending, ParseComplete and CloseComplete.
-_WHOLE_PLAIN = b"ZSEG"
+_A = ord("A")
+# Read whole: ReadyForQuery, ParameterStatus, ErrorResponse, CopyInResponse,
+# NotificationResponse; and with statement fixups pending, ParseComplete and CloseComplete.
+_WHOLE_PLAIN = b"ZSEGA"
 _WHOLE = _WHOLE_PLAIN + b"13"
 _EVERY = bytes(range(256))
 _COPY_IN_RESPONSE = ord("G")
@@ -51,11 +53,13 @@ class Backend:
         "_held",
         "_skip",
         "at_boundary",
+        "client_pid",
         "copy_in",
         "cut",
         "errors",
         "fatal",
         "fatal_cut",
+        "own_pid",
         "params",
         "rare",
         "tx_status",
@@ -89,6 +93,11 @@ class Backend:
         self.fatal_cut = False
         #: The bytes held back from the client by `fatal_cut`.
         self.cut = b""
+        #: The server backend's process id, and the one its current client was given in
+        #: BackendKeyData: a NotificationResponse the backend sends about itself (the client
+        #: notified its own channel) names the client's, as PostgreSQL would.
+        self.own_pid = 0
+        self.client_pid = 0
 
     def reset(self) -> None:
         self._skip = 0
@@ -207,6 +216,10 @@ class Backend:
     ) -> bytes | None:
         if typ == _COPY_IN_RESPONSE:
             self.copy_in = True
+            return None
+        if typ == _A:
+            if end - pos >= 9 and self.client_pid and _unpack_i32(data, pos + 5)[0] == self.own_pid:
+                return data[pos : pos + 5] + _pack_i32(self.client_pid) + data[pos + 9 : end]
             return None
         if typ == _S:
             self.rare = True
