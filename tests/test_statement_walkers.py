@@ -308,6 +308,36 @@ def test_a_miss_moves_the_client_to_the_newest_generation() -> None:
     ]
 
 
+def test_a_copy_older_than_the_clients_parse_is_never_used() -> None:
+    """Server A prepared the text (sidecar_1) before client B's Parse (maybe before a schema
+    change): B's Bind on A prepares B's generation there rather than use sidecar_1."""
+    registry = Registry()
+    server_a = prepared(registry)  # sidecar_1
+    b_on_other = prepared(registry, name="b")  # client B parses elsewhere: sidecar_2
+    b_on_a = Link(registry, b_on_other.fe)
+    b_on_a.ctx, b_on_a.be = server_a.ctx, server_a.be
+    assert split_messages(b_on_a.send(bind("b", b"1") + SYNC)) == [
+        *proxy_prepares("sidecar_2", SELECT_ONE, [23]),
+        bind("sidecar_2", b"1"),
+        SYNC,
+    ]
+    assert b_on_a.recv(PREPARED + BIND_COMPLETE + ready()) == BIND_COMPLETE + ready()
+    assert server_a.ctx.by_text[parse_body(SELECT_ONE, [23])].name == b"sidecar_2"
+
+
+def test_any_copy_newer_than_the_clients_parse_serves_it() -> None:
+    """Clients keep parsing the text (sidecar_2, sidecar_3 ...): an older client takes
+    whichever generation a server has, as long as it is newer than its own Parse."""
+    registry = Registry()
+    old_client = prepared(registry)  # sidecar_1
+    later = [prepared(registry, name=f"c{k}") for k in range(3)]  # sidecar_2 .. sidecar_4
+    for link, name in zip(later, ("sidecar_2", "sidecar_3", "sidecar_4"), strict=True):
+        moved = Link(registry, old_client.fe)
+        moved.ctx, moved.be = link.ctx, link.be
+        assert moved.send(bind("s1", b"1") + SYNC) == bind(name, b"1") + SYNC
+        assert moved.recv(BIND_COMPLETE + ready()) == BIND_COMPLETE + ready()
+
+
 def test_client_close_of_a_statement_is_its_own() -> None:
     registry = Registry()
     link = prepared(registry)

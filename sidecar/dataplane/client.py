@@ -330,7 +330,7 @@ class ClientConn(asyncio.Protocol):
         prepared = local_prepare(data, pool.registry)
         if prepared is None:
             return False
-        self.frontend.statements.update(prepared)
+        self.frontend.prepared_locally(prepared)
         self.write(_PARSE_COMPLETE * len(prepared) + m.ready_for_query(b"I"))
         return True
 

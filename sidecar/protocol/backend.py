@@ -284,7 +284,7 @@ class Backend:
                 repl = message(b"C", sp.tag + b"\x00")
             elif sp.stmt is not None and not sp.confirmed:
                 # An error ended the batch before this Parse ran: the server lacks it.
-                ctx.lru.pop(sp.stmt.name, None)
+                ctx.drop(sp.stmt)
                 if sp.owner is not None and sp.owner.get(sp.owner_name) is sp.stmt:
                     del sp.owner[sp.owner_name]
         return None if repl is None else repl

@@ -237,6 +237,7 @@ class Frontend:
         "_effects",
         "_exec_syncs",
         "_held",
+        "_parsed",
         "_skip",
         "_skip_type",
         "dirty_tail",
@@ -263,6 +264,10 @@ class Frontend:
         self.mid_message = False
         #: Client statement name -> proxy-wide statement.
         self.statements: dict[bytes, Statement] = {}
+        # Client statement name -> the generation its Parse made (Statement.seq): a server
+        # copy serves it only if at least as new (see statements.py). Read on misses only;
+        # an entry left after a Close is overwritten by the name's next Parse.
+        self._parsed: dict[bytes, int] = {}
         #: Q_* flags seen since the caller last cleared them, and settings SET meanwhile.
         self.flags = 0
         self.set_names: list[str] = []
@@ -536,6 +541,7 @@ class Frontend:
         before this Parse, maybe before a schema change: see statements.py)."""
         stmt = registry.new(rest, flags)
         self.statements[name] = stmt
+        self._parsed[name] = stmt.seq
         # A fresh name, so the server cannot hold it; the Close anyway keeps every Parse the
         # proxy sends on one pattern (a CloseComplete swallowed, on a rare path).
         evict = self._remember(stmt, ctx) + self._unprepare(stmt, ctx)
@@ -548,21 +554,29 @@ class Frontend:
     def _miss(
         self, name: bytes, stmt: Statement, ctx: ServerStatements, registry: Registry | None
     ) -> tuple[bytes, Statement]:
-        """The server lacks the client's generation of a statement it binds or describes: use
-        the newest generation of its text (prepared after the client's Parse wherever it is),
-        preparing it first if this server lacks that one too. (bytes to put before the use,
-        the generation to name in it)"""
+        """The server lacks the client's generation of a statement it binds or describes.
+
+        Any generation of the same text made after the client's Parse will do (every copy of
+        it was prepared later still): the newest one this server has, else the text's newest,
+        prepared here first. The client's name maps to the one used, so it keeps hitting.
+        Returns (bytes to put before the use, the generation to name in it)."""
+        here = ctx.by_text.get(stmt.rest)
+        if here is not None and here.seq >= self._parsed.get(name, stmt.seq):
+            self.statements[name] = here
+            ctx.lru.move_to_end(here.name)
+            return b"", here
         if registry is not None:
-            newest = registry.newest(stmt)
-            if newest is not stmt:
-                self.statements[name] = stmt = newest
-                if stmt.name in ctx.lru:
-                    ctx.lru.move_to_end(stmt.name)
-                    return b"", stmt
+            self.statements[name] = stmt = registry.newest(stmt)
         evict = self._remember(stmt, ctx) + self._unprepare(stmt, ctx)
         ctx.open_specials.append(Special(ord("1"), ctx.batch_parses, Fix.SWALLOW, stmt))
         ctx.batch_parses += 1
         return evict + stmt.parse_msg, stmt
+
+    def prepared_locally(self, prepared: list[tuple[bytes, Statement]]) -> None:
+        """The proxy answered these Parses itself (see local_prepare)."""
+        for name, stmt in prepared:
+            self.statements[name] = stmt
+            self._parsed[name] = stmt.seq
 
     def _unprepare(self, stmt: Statement, ctx: ServerStatements) -> bytes:
         """A Close of `stmt` right before the proxy prepares it. The LRU can believe a
@@ -575,13 +589,12 @@ class Frontend:
 
     def _remember(self, stmt: Statement, ctx: ServerStatements) -> bytes:
         """Add to the server's LRU; return a Close for the statement it pushes out, if any."""
-        ctx.lru[stmt.name] = None
-        if len(ctx.lru) <= ctx.cap:
+        old = ctx.add(stmt)
+        if old is None:
             return b""
-        old, _ = ctx.lru.popitem(last=False)
         ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.SWALLOW))
         ctx.batch_closes += 1
-        return message(b"C", b"S" + old + b"\x00")
+        return message(b"C", b"S" + old.name + b"\x00")
 
     def _unsync(self, ctx: ServerStatements, count: int) -> None:
         """Take back the last `count` sync points: their batch goes on to the next one."""

@@ -16,11 +16,12 @@ prepared it at or after that client's Parse:
 - every client Parse makes a new generation (a fresh server name, the newest for its text) and
   is sent to the server as a real Parse, as PostgreSQL would run it: one message, no round
   trip, whatever the server already holds;
-- a client's Bind or Describe on a server that lacks its generation uses the text's newest
-  generation instead (the client's statement then maps to it), preparing it there if needed:
-  every copy of a generation was prepared after it was made, so after every Parse of the
-  clients mapped to it. Servers converge on the newest generation; older ones age out of the
-  LRU.
+- a client's Bind or Describe on a server that lacks its generation uses any generation of the
+  same text made after the client's Parse (every copy of it was prepared later still): the
+  newest one that server has, else the text's newest, prepared there first. The client's name
+  then maps to it. Servers converge on recent generations; older ones age out of the LRU, and
+  a long-lived client keeps hitting whatever recent copy a server has, however many clients
+  parse the text meanwhile.
 
 This holds whether the schema change went through the proxy or not (a release-phase migration
 run directly): nothing needs to see the DDL, and no failed statement is replayed. Errors that
@@ -46,9 +47,12 @@ from .messages import message
 class Statement:
     """One generation of a distinct (query, parameter types), under its proxy-wide name."""
 
-    __slots__ = ("confirmed", "flags", "name", "parse_msg", "rest")
+    __slots__ = ("confirmed", "flags", "name", "parse_msg", "rest", "seq")
 
-    def __init__(self, name: bytes, rest: bytes, flags: int, confirmed: bool = False) -> None:
+    def __init__(self, seq: int, rest: bytes, flags: int, confirmed: bool = False) -> None:
+        #: Generations are numbered in the order they are made (client Parses).
+        self.seq = seq
+        name = b"sidecar_%d" % seq
         self.name = name
         #: The Parse body after the statement name (query, parameter types): the registry key.
         self.rest = rest
@@ -74,7 +78,7 @@ class Registry:
         types): a fresh generation, from now on the newest of its text."""
         old = self._by_key.get(rest)
         self._next += 1
-        stmt = Statement(b"sidecar_%d" % self._next, rest, flags, old is not None and old.confirmed)
+        stmt = Statement(self._next, rest, flags, old is not None and old.confirmed)
         self._by_key[rest] = stmt
         return stmt
 
@@ -128,6 +132,7 @@ class ServerStatements:
     __slots__ = (
         "batch_closes",
         "batch_parses",
+        "by_text",
         "cap",
         "fixups",
         "lru",
@@ -138,7 +143,10 @@ class ServerStatements:
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.lru: OrderedDict[bytes, None] = OrderedDict()
+        #: Server name -> generation, least recently used first.
+        self.lru: OrderedDict[bytes, Statement] = OrderedDict()
+        #: Query text (Statement.rest) -> the newest generation of it in `lru`.
+        self.by_text: dict[bytes, Statement] = {}
         # Requests sent that end a batch, and ReadyForQuery received: batch n ends with the
         # n-th ReadyForQuery.
         self.sent_syncs = 0
@@ -154,6 +162,25 @@ class ServerStatements:
         """Every batch sent has been answered and nothing is booked for one not yet sent."""
         return self.sent_syncs == self.recv_z and not self.open_specials and not self.fixups
 
+    def add(self, stmt: Statement) -> Statement | None:
+        """`stmt` is prepared here from now on; returns the generation pushed out, if any."""
+        self.lru[stmt.name] = stmt
+        here = self.by_text.get(stmt.rest)
+        if here is None or here.seq < stmt.seq:
+            self.by_text[stmt.rest] = stmt
+        if len(self.lru) <= self.cap:
+            return None
+        _name, old = self.lru.popitem(last=False)
+        if self.by_text.get(old.rest) is old:
+            del self.by_text[old.rest]
+        return old
+
+    def drop(self, stmt: Statement) -> None:
+        """The server does not have `stmt` after all (an error skipped its Parse)."""
+        if self.lru.pop(stmt.name, None) is not None and self.by_text.get(stmt.rest) is stmt:
+            del self.by_text[stmt.rest]
+
     def forget_all(self) -> None:
         """DEALLOCATE ALL / DISCARD ALL ran on the server."""
         self.lru.clear()
+        self.by_text.clear()
