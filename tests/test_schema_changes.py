@@ -178,6 +178,9 @@ async def asyncpg_type_change(target: Target, table: str) -> list[Outcome]:
                 out += [await outcome(c.fetch(q, "y")) for q in queries]
         finally:
             await c.close()
+        # A's own statements and codecs predate the change: whatever PostgreSQL tells A
+        # directly (its XX000 included), A hears through the proxy too
+        out += [await outcome(a.fetch(q, "z")) for q in queries]
     finally:
         await a.close()
     return out
@@ -188,7 +191,7 @@ async def test_asyncpg_type_dropped_and_created_again(
     pg: PostgresServer, proxy_factory: ProxyFactory, via_proxy: bool
 ) -> None:
     seen = await side_by_side(pg, proxy_factory, asyncpg_type_change, via_proxy)
-    assert seen[2:] == [[("z",)], [("z",)], 1, [("y",)], []]
+    assert seen[2:7] == [[("z",)], [("z",)], 1, [("y",)], []]
 
 
 # --- psycopg --------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ so and README.md lists the difference.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
+from nodeclient import run_node
 from pgfixtures import APP_PASSWORD, PostgresServer, ProxyFactory, ProxyProcess
 
 REPORTED = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "application_name")
@@ -350,3 +352,30 @@ async def test_asyncpg_tour(pg: PostgresServer, proxy_factory: ProxyFactory) -> 
     for key in direct:
         assert (key, pooled.get(key)) == (key, direct[key])
     assert pooled.keys() == direct.keys()
+
+
+NODE_NOTIFY = """
+const { Client } = require('pg');
+(async () => {
+  const client = new Client(JSON.parse(process.env.PG_CONFIG));
+  await client.connect();
+  const got = new Promise((resolve) => client.on('notification', resolve));
+  await client.query('LISTEN chan');
+  await client.query("NOTIFY chan, 'mine'");
+  const msg = await got;
+  await client.end();
+  console.log(JSON.stringify([msg.payload, msg.processId === client.processID]));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def test_node_postgres_notification_process_id(
+    pg: PostgresServer, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory()
+
+    def run(host: str, port: int) -> Any:
+        config = {"host": host, "port": port, "user": "app", "database": "appdb"}
+        return run_node(NODE_NOTIFY, PG_CONFIG=json.dumps({**config, "password": APP_PASSWORD}))
+
+    assert run(proxy.host, proxy.port) == run(pg.host, pg.port) == ["mine", True]
