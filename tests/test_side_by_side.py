@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from nodeclient import run_node
 from pgfixtures import APP_PASSWORD, PostgresServer, ProxyFactory, ProxyProcess
+from psycopg import pq
 
 REPORTED = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "application_name")
 
@@ -379,3 +380,23 @@ def test_node_postgres_notification_process_id(
         return run_node(NODE_NOTIFY, PG_CONFIG=json.dumps({**config, "password": APP_PASSWORD}))
 
     assert run(proxy.host, proxy.port) == run(pg.host, pg.port) == ["mine", True]
+
+
+def libpq_duplicate_prepare(dsn: str) -> list[Any]:
+    """A second Parse of a statement name in use: 42P05, the first statement kept."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgconn = conn.pgconn
+        out: list[Any] = [pq.ExecStatus(pgconn.prepare(b"dup", b"select 1").status).name]
+        res = pgconn.prepare(b"dup", b"select 2")
+        out += [pq.ExecStatus(res.status).name, res.error_field(pq.DiagnosticField.SQLSTATE)]
+        out.append(res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY))
+        res = pgconn.exec_prepared(b"dup", [])
+        out.append(res.get_value(0, 0))
+        return out
+
+
+def test_duplicate_prepare(pg: PostgresServer, proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="2")
+    direct = libpq_duplicate_prepare(pg.dsn())
+    assert direct[2:] == [b"42P05", b'prepared statement "dup" already exists', b"1"]
+    assert libpq_duplicate_prepare(proxy.dsn()) == direct

@@ -995,3 +995,25 @@ def test_notification_from_the_backend_itself_names_the_clients_pid() -> None:
     # no client linked: as is
     be.client_pid = 0
     assert be.feed(whole) == whole
+
+
+def test_second_parse_of_a_name_in_use_is_refused_as_postgresql_does() -> None:
+    link = prepared(Registry())
+    out = link.send(parse("s1", "select 2") + bind("s1") + SYNC)
+    assert split_messages(out) == [parse("sidecar_1", "select 2"), bind("sidecar_1"), SYNC]
+
+    def exists(name: str) -> bytes:
+        fields = cstr("SERROR") + cstr("VERROR") + cstr("C42P05")
+        fields += cstr(f'Mprepared statement "{name}" already exists')
+        return msg(b"E", fields + b"\x00")
+
+    assert link.recv(exists("sidecar_1") + ready()) == exists("s1") + ready()
+    assert link.fe.statements[b"s1"].name == b"sidecar_1" and link.settled()
+    # on a server that lacks the client's statement, it is prepared first
+    moved = Link(link.registry, link.fe)
+    assert split_messages(moved.send(parse("s1", "select 2") + SYNC)) == [
+        *proxy_prepares("sidecar_1", SELECT_ONE, [23]),
+        parse("sidecar_1", "select 2"),
+        SYNC,
+    ]
+    assert moved.recv(PREPARED + exists("sidecar_1") + ready()) == exists("s1") + ready()

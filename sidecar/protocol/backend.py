@@ -236,6 +236,8 @@ class Backend:
             if ctx is not None and ctx.fixups and self._replacing(ctx) and not fatal:
                 # The stand-in's error would not be the client's; a FATAL is everyone's news.
                 return b""
+            if ctx is not None and b"C42P05\x00" in data[pos + 5 : end]:
+                return self._renamed(ctx, data[pos:end])
             return None
         if ctx is None or not (ctx.fixups or ctx.open_specials):
             return None
@@ -258,6 +260,18 @@ class Backend:
             if sp.kind == _CLOSE_COMPLETE and sp.ordinal == ordinal:
                 sp.confirmed = True
                 return b"" if sp.fix is Fix.SWALLOW else None
+        return None
+
+    def _renamed(self, ctx: ServerStatements, msg: bytes) -> bytes | None:
+        """42P05 for a client's Parse of a name it already uses (sent under the server name of
+        its statement, so that the server refuses it as PostgreSQL would): the client's name
+        goes in the text."""
+        for sp in self._current(ctx) or ():
+            if sp.fix is Fix.RENAME and sp.tag in msg:
+                quoted = b'"' + sp.tag + b'"'
+                if quoted in msg:  # the English text; a translation may quote otherwise
+                    return message(b"E", msg[5:].replace(quoted, b'"' + sp.owner_name + b'"'))
+                return message(b"E", msg[5:].replace(sp.tag, sp.owner_name))
         return None
 
     def _current(self, ctx: ServerStatements) -> list[Special] | None:

@@ -429,7 +429,9 @@ class Frontend:
             text = data[nul + 1 : _nul(data, nul + 1, end)]
             flags, names = classify(text)
             self._note(flags, names)
-            if flags:
+            if name and name in self.statements and ctx is not None:
+                pass  # refused (42P05, see _parse): the name keeps its statement and effects
+            elif flags:
                 # Noted again each time it runs (Bind): a prepare can come batches earlier.
                 forgets = _forgets_all(flags, text)
                 self._effects[name] = (flags, names, forgets)
@@ -539,6 +541,21 @@ class Frontend:
         """A client's own Parse: a new generation, parsed by the server now, as PostgreSQL
         would parse it, even if the server holds an older one of the same text (planned
         before this Parse, maybe before a schema change: see statements.py)."""
+        used = self.statements.get(name)
+        if used is not None:
+            # PostgreSQL refuses a second Parse of a name in use (42P05) and keeps the first:
+            # parse it under the server name of the client's statement, which the server has
+            # (prepared first if not), for the server to refuse it the same way.
+            if used.name in ctx.lru:
+                ctx.lru.move_to_end(used.name)
+                prefix = b""
+            else:
+                prefix, used = self._miss(name, used, ctx, registry)
+            ctx.open_specials.append(
+                Special(ord("E"), 0, Fix.RENAME, owner_name=name, tag=used.name)
+            )
+            ctx.batch_parses += 1
+            return prefix + message(b"P", used.name + b"\x00" + rest)
         stmt = registry.new(rest, flags)
         self.statements[name] = stmt
         self._parsed[name] = stmt.seq

@@ -99,6 +99,7 @@ class Fix(enum.Enum):
     PASS = "pass"  #: a client's own Parse of a named statement: forward its ParseComplete
     SWALLOW = "swallow"  #: a message the proxy injected: drop its response
     REPLACE = "replace"  #: a stand-in empty Query: answer with `tag` instead
+    RENAME = "rename"  #: a Parse of a name in use: its 42P05 names the client's `owner_name`
 
 
 class Special:
