@@ -510,6 +510,13 @@ class Pool:
             server.resume_reading()
         now = now or time.monotonic()
         server.last_used = now
+        if server.fatal_seen:
+            # The backend said FATAL while no client held it (terminated right after its
+            # login, during the proxy's own query): it is going away. Handed on, a client's
+            # request would meet only its close -- a silent one, the FATAL never its answer.
+            self.close_server(server, "server sent FATAL before a client got it")
+            self._fill()
+            return
         st = server.statements
         if server.out_of_step or (st is not None and not st.settled):
             # Handing it on would apply one client's fixups to another's answers.
