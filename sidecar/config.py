@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from .upstream.budget import BudgetSetting, parse_budget
+
 
 class ConfigError(Exception):
     """A configuration value is missing or invalid; the message names it."""
@@ -216,6 +218,11 @@ class Settings:
     url_style: str = "tcp"  # how the launcher exports URLs to the app: tcp or unix
     #: Proxy processes: a number, or "auto" for the CPUs this process may use (workers.py).
     workers: str = "1"
+    #: Connections per instance for every sidecar of the app together (upstream/budget.py):
+    #: auto (90 % of max_connections - superuser_reserved_connections), N%, a number, 0 = off.
+    instance_budget: str = "auto"
+    #: How often each pool counts its user's backends on each instance it uses.
+    budget_interval: float = 5.0
 
 
 # Settings that PgBouncer's Heroku buildpack users already set under PGBOUNCER_*.
@@ -368,6 +375,17 @@ def _validate(s: Settings) -> None:
         raise ConfigError("SIDECAR_DNS_MIN_INTERVAL must be more than 0 seconds")
     parse_nameservers(s.dns_nameservers)
     parse_workers(s.workers)
+    budget_setting(s)
+    if s.budget_interval <= 0:
+        raise ConfigError("SIDECAR_BUDGET_INTERVAL must be more than 0 seconds")
+
+
+def budget_setting(s: Settings) -> BudgetSetting:
+    """SIDECAR_INSTANCE_BUDGET, parsed."""
+    try:
+        return parse_budget(s.instance_budget)
+    except ValueError as exc:
+        raise ConfigError(f"SIDECAR_INSTANCE_BUDGET {exc}, got {s.instance_budget!r}") from None
 
 
 def _no_passphrase() -> bytes:

@@ -443,5 +443,8 @@ def test_snapshot_rows() -> None:
         "hot_standby": None,
         "read_only": None,
         "lag_s": None,
+        "budget": None,
+        "soft_cap": None,
+        "instance_total": None,
     }
     assert rows[1]["state"] == "quarantined" and rows[1]["last_error"] == "refused"

@@ -146,6 +146,8 @@ VERSION_COLUMNS = _columns("version")
 INSTANCES_COLUMNS = _columns(
     "pool addr port:int8 state servers:int8 cap:int8 last_seen last_error"
     " last_seen_age:float8 failures:int8 connect_ms:float8 role lag_s:float8"
+    # The connection budget (upstream/budget.py): NULL while off or not counted yet.
+    " budget:int8 soft_cap:int8 instance_total:int8"
 )
 LISTS_COLUMNS = _columns("list items:int8")
 WORKERS_COLUMNS = _columns("worker:int8 workers:int8 pid:int8")
@@ -667,6 +669,7 @@ class Console:
                         "connect_ms": None,
                         "role": None,
                         "lag_s": None,
+                        **_budget_cells({}),
                     }
                 )
         return rows
@@ -850,7 +853,16 @@ def _instance_row(pool: str, inst: dict[str, object], cap: int) -> Row:
         "last_error": None if error is None else str(error),
         "role": _role_text(inst),
         "lag_s": num("lag_s"),
+        **_budget_cells(inst),
     }
+
+
+def _budget_cells(inst: dict[str, object]) -> Row:
+    cells: Row = {}
+    for key in ("budget", "soft_cap", "instance_total"):
+        value = inst.get(key)
+        cells[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return cells
 
 
 def _diff(

@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .. import log
-from ..config import PoolConfig, Settings
+from ..config import PoolConfig, Settings, budget_setting
 from ..protocol import messages as m
 from ..protocol.auth import ScramSecret
 from ..protocol.errors import (
@@ -29,6 +29,7 @@ from ..protocol.errors import (
 )
 from ..protocol.frontend import PIN_FLAGS, Q_DISCARD, Q_SET, single_request
 from ..protocol.statements import Registry
+from ..upstream import budget
 from ..upstream import roles as r
 from ..upstream.balancer import Instance, InstanceSet, InstanceState
 from ..upstream.instances import Discovery
@@ -171,6 +172,13 @@ class Pool:
         self.totals = Totals()
         self.last_period: Period | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        # The connection budget shared with the other dynos' sidecars (upstream/budget.py).
+        setting = budget_setting(settings)
+        self.budgets = (
+            budget.Budgets(setting, settings.budget_interval) if setting.enabled else None
+        )
+        #: Instances whose budget check waits for one of our servers there to come free.
+        self._budget_wanted: set[Instance] = set()
 
     # -- counts ------------------------------------------------------------------------------
 
@@ -528,6 +536,12 @@ class Pool:
             self._fill()
             return
         inst = server.instance
+        if self._budget_wanted and inst in self._budget_wanted:
+            # Between two transactions: the budget check that waited for it goes first.
+            self._budget_wanted.discard(inst)
+            self._move(server, S_ACTIVE)
+            self._spawn(self._budget_check(inst, server))
+            return
         if inst is not None and self._excess and self._excess.get(inst.addr):
             # Rebalancing: this instance has more than its share; its replacement goes to
             # the least-loaded instance.
@@ -747,6 +761,8 @@ class Pool:
         for _ in range(min(want, room)):
             inst = self.instances.choose(cap, now, self._rng)
             if inst is None:
+                if self.budgets is not None:
+                    self.budgets.blocked(self.instances, cap)
                 if len(self.instances) == 0 or all(
                     i.state is not InstanceState.UP for i in self.instances
                 ):
@@ -908,6 +924,100 @@ class Pool:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    # -- connection budget ---------------------------------------------------------------------
+
+    def _hard_cap(self) -> int:
+        """The most servers this pool may hold on one instance, whatever the budget says."""
+        s = self.settings
+        size = s.default_pool_size + s.reserve_pool_size
+        return min(size, s.max_per_instance) if s.max_per_instance > 0 else size
+
+    def _budget_tick(self, now: float) -> None:
+        """Janitor: note the servers in use per instance; start the checks that are due."""
+        budgets = self.budgets
+        if budgets is None:
+            return
+        in_use: dict[Instance, int] = {}
+        for server in self.active:
+            if server.instance is not None:
+                in_use[server.instance] = in_use.get(server.instance, 0) + 1
+        for inst, count in in_use.items():
+            budgets.sample(inst, count)
+        if self.waiters and self.size < self._limit(now):
+            budgets.blocked(self.instances, self.settings.max_per_instance)
+        for inst in [i for i in self._budget_wanted if i.servers <= 0]:
+            # Its last server closed before coming free: count again once we hold one.
+            self._budget_wanted.discard(inst)
+            budgets.done(inst, now)
+        for inst in budgets.due(self.instances, now):
+            # The most recently used idle server there (the LIFO top): it goes back on top.
+            spare = next((x for x in reversed(self.idle) if x.instance is inst), None)
+            if spare is None:
+                self._budget_wanted.add(inst)  # the next one released there (_release)
+                continue
+            self._move(spare, S_ACTIVE)
+            self._spawn(self._budget_check(inst, spare))
+
+    async def _budget_check(self, inst: Instance, server: ServerConn) -> None:
+        """Count the user's backends on the instance, on one of our servers, and apply it."""
+        assert self.budgets is not None
+        sql = budget.QUERY.format(user=_literal(self.config.upstream.user))
+        last_used = server.last_used
+        try:
+            error, rows = await server.query_internal(sql)
+        except ServerError:
+            self.budgets.done(inst, time.monotonic())
+            return  # connection_lost (or the stall timeout) already moved it
+        now = time.monotonic()
+        self.budgets.done(inst, now)
+        if server.state is not S_ACTIVE:
+            return
+        row = rows[0] if rows else []
+        if error is not None or len(row) != 3 or server.tx_status != _I:
+            self.close_server(server, f"budget check failed: {error}")
+            return
+        total, max_conn, reserved = (int(v or 0) for v in row)
+        before = inst.soft_cap
+        warn = self.budgets.answer(
+            inst,
+            total=total,
+            max_connections=max_conn,
+            reserved=reserved,
+            hard=self._hard_cap(),
+        )
+        if inst.soft_cap != before:
+            logger.info(
+                "soft_cap",
+                pool=self.name,
+                instance=inst.addr,
+                soft_cap=inst.soft_cap,
+                was=before,
+                servers=inst.servers,
+                instance_total=total,
+                budget=inst.budget,
+            )
+        if warn and self._may_warn(f"over_budget {inst.addr}", now):
+            logger.warning(
+                "instance_over_budget",
+                pool=self.name,
+                instance=inst.addr,
+                instance_total=total,
+                budget=inst.budget,
+                servers=inst.servers,
+                soft_cap=inst.soft_cap,
+                checks=self.budgets.state(inst).over,
+                hint="connections outside the sidecars (another process, a console) use the budget",
+            )
+        # Not a use by a client: the idle timeout and server_check_delay still count from
+        # the last client.
+        self._release(server)
+        if server.state is S_IDLE:
+            server.last_used = last_used
+        # A lower cap: retire idle servers above it now, busy ones at release; a higher one:
+        # open for the clients waiting.
+        self._rebalance()
+        self._fill()
+
     # -- views ---------------------------------------------------------------------------------
 
     def gauges(self) -> dict[str, int]:
@@ -942,6 +1052,10 @@ class Pool:
             }
             if row["connect_ms"] is not None:
                 line["sample#connect_ms"] = row["connect_ms"]
+            if row["budget"] is not None:
+                line["sample#budget"] = row["budget"]
+                line["sample#soft_cap"] = row["soft_cap"]
+                line["sample#instance_total"] = row["instance_total"]
             line["count#connect_failures"] = failures
             if row["lag_s"] is not None:
                 line["sample#lag_s"] = row["lag_s"]
@@ -959,6 +1073,7 @@ class Pool:
         s = self.settings
         self._probe()
         self._check_roles(now)
+        self._budget_tick(now)
         self._rebalance()
         for client in [*self.waiters, *self.logins]:
             if s.query_wait_timeout and now - client.wait_started >= s.query_wait_timeout:

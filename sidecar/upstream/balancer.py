@@ -103,6 +103,18 @@ class Instance:
     rank: int = 0
     #: Not named by the newest DNS answer of its address family (leader pools follow DNS).
     superseded: bool = False
+    #: Connection budget (budget.py): this pool's soft cap here (0 = none), the instance's
+    #: budget and its last counted total of the user's backends (None = not known yet).
+    soft_cap: int = 0
+    budget: int | None = None
+    instance_total: int | None = None
+
+    def limit(self, cap: int) -> int:
+        """The hard cap `cap` (0 = none) lowered by the soft cap, if any."""
+        soft = self.soft_cap
+        if soft <= 0:
+            return cap
+        return soft if cap <= 0 else min(cap, soft)
 
     @property
     def label(self) -> str:
@@ -268,7 +280,8 @@ class InstanceSet:
     def choose(self, cap: int, now: float, rng: random.Random) -> Instance | None:
         """Where to open the next server connection, or None if every instance is full or down.
 
-        The UP instance with the fewest servers below `cap` (0 = no cap), ties broken at random
+        The UP instance with the fewest servers below `cap` (0 = no cap; lowered by the
+        instance's soft cap), ties broken at random
         so dynos starting together do not all pile onto the same instance. With none, a
         QUARANTINED instance whose quarantine is over gets one trial connection (half-open);
         its outcome must be reported with success() or failure(). Never DRAINING/FORGOTTEN.
@@ -277,7 +290,7 @@ class InstanceSet:
         up = [
             i
             for i in self.instances.values()
-            if i.state is InstanceState.UP and (cap <= 0 or i.servers < cap)
+            if i.state is InstanceState.UP and ((c := i.limit(cap)) <= 0 or i.servers < c)
         ]
         if up:
             if any(i.rank for i in up):  # prefer-standby: standbys first
@@ -291,7 +304,7 @@ class InstanceSet:
             if i.state is InstanceState.QUARANTINED
             and not i.trial
             and i.quarantine_until <= now
-            and (cap <= 0 or i.servers < cap)
+            and ((c := i.limit(cap)) <= 0 or i.servers < c)
         ]
         if not trials:
             return None
@@ -306,28 +319,40 @@ class InstanceSet:
 
         The servers on UP instances are split evenly over the UP instances (the spread within
         one, the fullest keeping the larger shares so the fewest connections move) and no
-        target above `cap`: when an instance joins with none, the others give up theirs and new
-        connections, chosen by fewest servers, fill it. Every server on a DRAINING instance is
-        excess; on a QUARANTINED one only what is above the cap. Instances with nothing to
-        retire are left out.
+        target above the instance's cap (`cap` lowered by its soft cap, Instance.limit; what a
+        capped instance cannot take is split over the others): when an instance joins with
+        none, the others give up theirs and new connections, chosen by fewest servers, fill it.
+        Every server on a DRAINING instance is excess; on a QUARANTINED one only what is above
+        its cap. Instances with nothing to retire are left out.
         """
         plan: dict[str, int] = {}
         up = [i for i in self.instances.values() if i.state is InstanceState.UP]
         if up:
-            base, extra = divmod(sum(i.servers for i in up), len(up))
-            ranked = sorted(up, key=lambda i: (-i.servers, i.addr))
-            for rank, inst in enumerate(ranked):
-                target = base + (1 if rank < extra else 0)
-                if cap > 0:
-                    target = min(target, cap)
-                if inst.servers > target:
-                    plan[inst.addr] = inst.servers - target
+            remaining = sum(i.servers for i in up)
+            # Instances whose cap (a soft cap can differ per instance) is below an even share
+            # keep their cap; the rest is split evenly over the others.
+            even = sorted(up, key=lambda i: (i.limit(cap) <= 0, i.limit(cap)))
+            while even and 0 < even[0].limit(cap) <= remaining // len(even):
+                inst = even.pop(0)
+                remaining -= inst.limit(cap)
+                if inst.servers > inst.limit(cap):
+                    plan[inst.addr] = inst.servers - inst.limit(cap)
+            if even:
+                base, extra = divmod(remaining, len(even))
+                ranked = sorted(even, key=lambda i: (-i.servers, i.addr))
+                for rank, inst in enumerate(ranked):
+                    target = base + (1 if rank < extra else 0)
+                    if inst.limit(cap) > 0:
+                        target = min(target, inst.limit(cap))
+                    if inst.servers > target:
+                        plan[inst.addr] = inst.servers - target
         gone = (InstanceState.DRAINING, InstanceState.WRONG_ROLE, InstanceState.LAGGING)
         for inst in self.instances.values():
+            limit = inst.limit(cap)
             if inst.state in gone and inst.servers > 0:
                 plan[inst.addr] = inst.servers
-            elif inst.state is InstanceState.QUARANTINED and 0 < cap < inst.servers:
-                plan[inst.addr] = inst.servers - cap
+            elif inst.state is InstanceState.QUARANTINED and 0 < limit < inst.servers:
+                plan[inst.addr] = inst.servers - limit
         return plan
 
     # -- display --------------------------------------------------------------------------------
@@ -353,6 +378,9 @@ class InstanceSet:
                     "hot_standby": inst.hot_standby,
                     "read_only": inst.read_only,
                     "lag_s": None if inst.lag_s is None else round(inst.lag_s, 1),
+                    "budget": inst.budget,
+                    "soft_cap": inst.soft_cap or None,
+                    "instance_total": inst.instance_total,
                 }
             )
         return rows
