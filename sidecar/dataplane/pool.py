@@ -893,6 +893,12 @@ class Pool:
 
     def _instances_changed(self) -> None:
         """An instance joined, left, failed or came back: replan the spread, serve waiters."""
+        if self.budgets is not None:
+            for inst in self.budgets.first_check(self.instances):
+                # One server until the instance has answered: a sidecar starting under load
+                # must not open its whole pool before it knows what the others hold. Its
+                # first server counts (at _release) before it serves anyone.
+                self._budget_wanted.add(inst)
         self._rebalance()
         self._fill()
         if not self.paused and not self.proxy.shutting_down:

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 STEP = 1.0
 #: Fraction of the way to the common level an agent moves per interval.
 PULL = 0.25
+#: The same, for an agent above the level.
+PULL_DOWN = 0.5
 #: The level is trusted once the total exceeds the budget by this many probes.
 TRUST_EXCESS = 2.0
 #: Weight of the newest count in the smoothed excess over the budget.
@@ -133,9 +135,9 @@ def first_cap(own: int, total: int, budget: int, hard: int) -> float:
     is full (a newcomer gets room now, not after tens of probes), else a share of what is free."""
     t = max(total, own, 1)
     if t + STEP >= budget:
-        # Full: at the level the others converge to (at least two probes' worth of excess
-        # assumed, so one sidecar alone at the budget makes room for half).
-        return _bounded(STEP * t / max(t - budget, 2 * STEP), hard)
+        # Full: the level the others converge to once this sidecar's own probe is added to
+        # theirs (one sidecar alone at the budget makes room for half).
+        return _bounded(STEP * t / (max(t - budget, STEP) + STEP), hard)
     return _bounded(own + max(STEP, (budget - t) / 2), hard)
 
 
@@ -163,9 +165,11 @@ def next_cap(
         # At the cap: the float cap carries the probes that the integer count rounds away.
         base = max(float(own), cap)
         new = base * budget / t + STEP
-        lvl = level(t, t - budget if excess is None else excess)
+        # Only while over the budget: under it there is no common level (the total still moves).
+        lvl = level(t, t - budget if excess is None else excess) if t > budget else None
         if lvl is not None:
-            pull = PULL * (lvl - base)
+            # Down harder than up: the shares still meet, and the total settles lower.
+            pull = (PULL if lvl > base else PULL_DOWN) * (lvl - base)
             new += max(-base / 2, min(pull, max(2 * STEP, base)))
         new = min(new, base + max(STEP, base, (budget - t) / 2))
     elif t >= budget:
@@ -277,11 +281,24 @@ class Budgets:
                 due.append(inst)
         return due
 
+    def first_check(self, instances: Iterable[Instance]) -> list[Instance]:
+        """Instances never counted and not being counted: soft cap 1 until their first answer;
+        the caller runs their check on the first server it holds there."""
+        new: list[Instance] = []
+        for inst in instances:
+            st = self.state(inst)
+            if st.budget is None and not st.checking:
+                st.checking = True
+                inst.soft_cap = 1
+                new.append(inst)
+        return new
+
     def done(self, inst: Instance, now: float) -> None:
-        """A check finished or failed: the next one is an interval away."""
+        """A check finished or failed: the next one is an interval away (or as soon as a
+        server is there, while the instance has never answered)."""
         st = self.state(inst)
         st.checking = False
-        st.due = now + self.interval
+        st.due = now if st.budget is None else now + self.interval
 
     def blocked(self, instances: Iterable[Instance], cap: int) -> None:
         """Clients wait and no instance had room: those held back by a soft cap were hungry."""
