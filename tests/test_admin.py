@@ -135,7 +135,17 @@ OWN_COLUMNS = {
     "clients": ["client_pid"],
     "servers": ["pending"],
     "databases": ["current_client_connections", "server_lifetime"],
-    "instances": ["last_seen_age", "failures", "connect_ms", "role", "lag_s"],
+    "instances": [
+        "last_seen_age",
+        "failures",
+        "connect_ms",
+        "role",
+        "lag_s",
+        # the connection budget (test_budget_live.py)
+        "budget",
+        "soft_cap",
+        "instance_total",
+    ],
 }
 
 
@@ -265,6 +275,9 @@ def test_every_show_has_pgbouncer_columns(proxy: ProxyProcess, options: dict[str
         assert (pools["user"], pools["pool_mode"], pools["sv_max"]) == ("app", "transaction", 20)
         instance = only(show(conn, "instances"), pool="appdb")
         assert instance["state"] == "up" and instance["servers"] == 1
+        # auto: 90 % of the test server's 300 - 3 reserved; nothing limits this lone pool
+        assert instance["budget"] == 267 and instance["soft_cap"] == 20
+        assert instance["instance_total"] >= 1
 
 
 def test_show_config_lists_every_setting_and_no_secret(

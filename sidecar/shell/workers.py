@@ -15,7 +15,10 @@ whole `Proxy` (pools, janitor, stats, console) in its own process:
   min_pool_size, reserve_pool_size, max_client_conn and max_per_instance, per pool. Shares
   differ by at most one and sum to the total. A share that would be 0 where 0 means "nothing"
   (a pool of no servers, no client admitted) or "unlimited" (max_per_instance) refuses to start
-  when N was given, and lowers N (saying why) when it was `auto`.
+  when N was given, and lowers N (saying why) when it was `auto`. The connection budget
+  (upstream/budget.py) is not shared out: every worker counts its own connections against the
+  instance's total and the whole budget, one agent among the app's sidecars; dividing the budget
+  by N would have the whole app settle at budget / N, since the total is everyone's.
 - Cancels: a CancelRequest arrives on a new connection, which may reach any worker. The pid of
   the BackendKeyData a worker issues is `pid % N == worker`, so the receiving worker knows the
   owner and forwards the 16 bytes to it over the owner's control socket: a Unix socket in a
