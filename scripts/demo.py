@@ -45,7 +45,13 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from demo_workload import HOLDING_LINE, TABLE  # noqa: E402
 from dnsserver import DNSServer  # noqa: E402
 from followers import FOLLOWER_ADDRS, FOLLOWER_PORT, FOLLOWERS_NAME, ReplicaCluster  # noqa: E402
-from pgfixtures import PostgresServer, free_port, pg_bin_dir, short_tempdir  # noqa: E402
+from pgfixtures import (  # noqa: E402
+    PASSWORDS,
+    PostgresServer,
+    free_port,
+    pg_bin_dir,
+    short_tempdir,
+)
 
 #: Sidecar events shown without --verbose (warnings and errors are always shown).
 SHOWN_EVENTS = frozenset(
@@ -142,6 +148,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--failover",
         action="store_true",
         help="instead: a leader failover announced by DNS, followed by the sidecar",
+    )
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="instead: the connection budget -- one sidecar uses the whole budget, a second"
+        " one joins, and the soft caps move (leader only, no followers)",
     )
     parser.add_argument(
         "--color",
@@ -448,6 +460,153 @@ def demo(console: Console, args: argparse.Namespace) -> int:
     return code
 
 
+#: The --budget demo: the budget all sidecars share, and the clients each one serves.
+DEMO_BUDGET = 20
+DEMO_CLIENTS = 15
+
+
+def budget_demo(console: Console, args: argparse.Namespace) -> int:
+    """Two `python -m sidecar` processes standing in for two dynos, one leader, one budget.
+
+    Sidecar A starts alone with more clients than the budget and takes all of it; half-way
+    through, sidecar B starts with as many clients; each second a line shows each one's soft
+    cap and servers (its SHOW INSTANCES) and what the instance itself counts.
+    """
+    import psycopg  # a test dependency, like the fixtures
+
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        console.step("starting a PostgreSQL 15 leader (initdb, TLS with a throwaway CA, SCRAM)")
+        with sigint_held():
+            leader = PostgresServer.start()
+            stack.enter_context(stopping(console, "the leader", leader.stop))
+        stop = threading.Event()
+        errors: list[str] = []
+        served: dict[str, int] = {}
+        sidecars: dict[str, int] = {}
+
+        def start(name: str) -> None:
+            port = free_port()
+            socket_dir = short_tempdir("demo")
+            stack.callback(shutil.rmtree, socket_dir, True)
+            settings = {
+                "SIDECAR_INSTANCE_BUDGET": str(DEMO_BUDGET),
+                "SIDECAR_BUDGET_INTERVAL": "1",
+                "SIDECAR_DEFAULT_POOL_SIZE": str(DEMO_CLIENTS),
+                "SIDECAR_PORT": str(port),
+                "SIDECAR_SOCKET_DIR": str(socket_dir),
+                "SIDECAR_STATS_PERIOD": "0",
+                "SIDECAR_LOG_CONNECTIONS": "0",
+                "SIDECAR_LOG_DISCONNECTIONS": "0",
+                "SIDECAR_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT),
+            }
+            env = {
+                k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "PGBOUNCER_"))
+            }
+            env.update(settings, PYTHONUNBUFFERED="1")
+            argv = [sys.executable, "-m", "sidecar", f"appdb={leader.url()}"]
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+            stack.callback(_stop_process, proc)
+
+            def relay() -> None:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    if "at=soft_cap" in line or LEVEL.search(line) or args.verbose:
+                        console.write(f"    {name}: " + line.rstrip("\n"))
+
+            threading.Thread(target=relay, daemon=True).start()
+            deadline = time.monotonic() + 10
+            while not _listening("127.0.0.1", port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sidecar {name} did not start")
+                time.sleep(0.05)
+            sidecars[name] = port
+            served[name] = 0
+            dsn = _demo_dsn(port, "appdb")
+
+            def client() -> None:
+                try:
+                    with psycopg.connect(dsn, autocommit=True) as conn:
+                        while not stop.is_set():
+                            conn.execute("SELECT pg_sleep(0.01)")
+                            served[name] += 1
+                except Exception as e:  # the demo reports, it does not hide
+                    errors.append(f"{name}: {type(e).__name__}: {e}")
+
+            for _ in range(DEMO_CLIENTS):
+                thread = threading.Thread(target=client, daemon=True)
+                thread.start()
+                stack.callback(thread.join, 5)
+            console.step(
+                f"sidecar {name} on 127.0.0.1:{port}: SIDECAR_INSTANCE_BUDGET={DEMO_BUDGET},"
+                f" SIDECAR_BUDGET_INTERVAL=1, {DEMO_CLIENTS} clients running short transactions"
+            )
+
+        def view(port: int) -> str:
+            with psycopg.connect(_demo_dsn(port, "sidecar"), autocommit=True) as conn:
+                cur = conn.execute("SHOW INSTANCES", prepare=False)
+                names = [d.name for d in cur.description or []]
+                row = dict(zip(names, cur.fetchone() or (), strict=False))
+            return f"soft_cap {row.get('soft_cap')!s:>4} servers {row.get('servers')!s:>3}"
+
+        stack.callback(stop.set)
+        start("A")
+        seconds = max(args.seconds, 10.0)
+        joined = False
+        begin = time.monotonic()
+        while (elapsed := time.monotonic() - begin) < seconds:
+            if not joined and elapsed >= seconds / 2:
+                start("B")
+                joined = True
+            time.sleep(1.0)
+            parts = [f"{name}: {view(port)}" for name, port in sidecars.items()]
+            console.seen(
+                f"t={elapsed:4.0f}s  "
+                + " | ".join(parts)
+                + f" | instance: {leader.count_backends()} backends of app, budget {DEMO_BUDGET}"
+            )
+        stop.set()
+    for error in errors[:5]:
+        console.warn(error)
+    console.step(
+        f"done in {time.monotonic() - started:.0f}s: "
+        + ", ".join(f"{name} served {n} transactions" for name, n in served.items())
+    )
+    return 1 if errors or not all(served.values()) else 0
+
+
+def _demo_dsn(port: int, dbname: str) -> str:
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(
+        "",
+        host="127.0.0.1",
+        port=port,
+        dbname=dbname,
+        user="app",
+        password=PASSWORDS["app"],
+        sslmode="disable",
+    )
+
+
+def _stop_process(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(SHUTDOWN_TIMEOUT + 5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _listening(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
@@ -465,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             import demo_failover
 
             return demo_failover.run(console, args)
+        if args.budget:
+            return budget_demo(console, args)
         return demo(console, args)
     except KeyboardInterrupt:
         console.warn("interrupted; everything started was stopped")

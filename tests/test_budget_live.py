@@ -27,9 +27,10 @@ pytest_plugins = ["followers"]
 BUDGET = 30
 INTERVAL = 0.5
 CLIENTS = 20
-#: One probe per hungry sidecar over the budget (the rule's fixed point), plus one for counts
-#: taken while a sidecar is between closing one server and its replacement's login.
-SLACK = 4
+#: One interval's slack: one probe per busy sidecar over the budget (the rule's fixed point),
+#: plus what the pull towards the common level adds in one interval, and a backend that is
+#: still exiting after its server was retired. Three sidecars: 3 + 2.
+SLACK = 5
 
 
 def budget_env(**extra: str | int) -> dict[str, str | int]:
@@ -150,6 +151,25 @@ def converged(pg: PostgresServer, proxies: list[ProxyProcess]) -> list[int] | No
     return shares if ok else None
 
 
+async def settled(pg: PostgresServer, proxies: list[ProxyProcess], timeout: float = 30) -> None:
+    """Until the shares have been fair, and the total within budget + slack, for two intervals
+    in a row (one fair instant during the start proves nothing)."""
+    deadline = time.monotonic() + timeout
+    since: float | None = None
+    last = None
+    while time.monotonic() < deadline:
+        last = await asyncio.to_thread(converged, pg, proxies)
+        now = time.monotonic()
+        if not last:
+            since = None
+        elif since is None:
+            since = now
+        elif now - since >= 2 * INTERVAL:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"shares not settled within {timeout}s; last: {last!r}")
+
+
 # -- three sidecars, one instance ---------------------------------------------------------------
 
 
@@ -158,9 +178,11 @@ async def test_three_sidecars_share_the_budget_and_make_room(
 ) -> None:
     proxies = [proxy_factory(**budget_env()) for _ in range(3)]
     async with loads(*proxies) as running:
-        await eventually(lambda: converged(pg, proxies), timeout=20, what="about budget/3 each")
+        await settled(pg, proxies)
         totals, means = await sample(pg, proxies, 8 * INTERVAL)
+        print("instance totals, 3 sidecars:", totals, "mean shares:", means)
         assert max(totals) <= BUDGET + SLACK, totals
+        assert sum(totals) / len(totals) <= BUDGET + 3, totals  # the probes: one each
         assert fair(means), means
         served = [load.served for load in running]
         await asyncio.sleep(2 * INTERVAL)
@@ -200,9 +222,11 @@ async def test_three_sidecars_share_the_budget_and_make_room(
             print(f"room for the newcomer in {took:.2f} s ({took / INTERVAL:.1f} intervals)")
             assert took <= 4 * INTERVAL + 1.0, took
             three = [*proxies[:2], newcomer]
-            await eventually(lambda: converged(pg, three), timeout=20, what="budget/3 each again")
+            await settled(pg, three)
             totals, means = await sample(pg, three, 6 * INTERVAL)
+            print("instance totals, after the newcomer:", totals, "mean shares:", means)
             assert max(totals) <= BUDGET + SLACK, totals
+            assert sum(totals) / len(totals) <= BUDGET + 3, totals
             assert fair(means), means
         finally:
             await extra.stop()
@@ -219,7 +243,7 @@ async def test_outside_demand_shrinks_the_sidecars_and_is_warned_about(
 ) -> None:
     proxies = [proxy_factory(**budget_env(SIDECAR_STATS_PERIOD=1)) for _ in range(3)]
     async with loads(*proxies) as running:
-        await eventually(lambda: converged(pg, proxies), timeout=20, what="about budget/3 each")
+        await settled(pg, proxies)
         # Someone opens 20 connections straight to the database as the app's user.
         direct = await asyncio.to_thread(
             lambda: [psycopg.connect(pg.dsn(), autocommit=True) for _ in range(20)]
@@ -297,7 +321,9 @@ async def test_workers_are_agents_of_the_dyno(
         for _ in range(20):
             totals.append(await asyncio.to_thread(pg.count_backends))
             await asyncio.sleep(0.1)
+        print("instance totals, 2 + 1 workers:", totals)
         assert max(totals) <= BUDGET + SLACK, totals
+        assert sum(totals) / len(totals) <= BUDGET + 3, totals
     for load in running:
         assert load.served > 0
         assert not load.errors, load.errors[:5]

@@ -210,6 +210,8 @@ class Pool:
                 self.idle.remove(server)
         elif old is S_ACTIVE:
             self.active.discard(server)
+            if (inst := server.instance) is not None:
+                inst.active -= 1
         elif old is S_CONNECTING:
             self.connecting -= 1
         else:
@@ -217,6 +219,11 @@ class Pool:
         server.state = new
         if new is S_ACTIVE:
             self.active.add(server)
+            if (inst := server.instance) is not None:
+                # The peak in use, for the connection budget (a busy sidecar uses them all).
+                inst.active += 1
+                if inst.active > inst.busiest:
+                    inst.busiest = inst.active
         elif new is S_IDLE:
             self.idle.append(server)  # last_used: set by _release, the one way here
         elif new is S_CONNECTING:
@@ -762,7 +769,7 @@ class Pool:
             inst = self.instances.choose(cap, now, self._rng)
             if inst is None:
                 if self.budgets is not None:
-                    self.budgets.blocked(self.instances, cap)
+                    self.budgets.blocked(self.instances)
                 if len(self.instances) == 0 or all(
                     i.state is not InstanceState.UP for i in self.instances
                 ):
@@ -939,18 +946,12 @@ class Pool:
         return min(size, s.max_per_instance) if s.max_per_instance > 0 else size
 
     def _budget_tick(self, now: float) -> None:
-        """Janitor: note the servers in use per instance; start the checks that are due."""
+        """Janitor: note clients waiting; start the checks that are due."""
         budgets = self.budgets
         if budgets is None:
             return
-        in_use: dict[Instance, int] = {}
-        for server in self.active:
-            if server.instance is not None:
-                in_use[server.instance] = in_use.get(server.instance, 0) + 1
-        for inst, count in in_use.items():
-            budgets.sample(inst, count)
-        if self.waiters and self.size < self._limit(now):
-            budgets.blocked(self.instances, self.settings.max_per_instance)
+        if self.waiters:
+            budgets.blocked(self.instances)
         for inst in [i for i in self._budget_wanted if i.servers <= 0]:
             # Its last server closed before coming free: count again once we hold one.
             self._budget_wanted.discard(inst)

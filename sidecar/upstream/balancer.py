@@ -108,6 +108,10 @@ class Instance:
     soft_cap: int = 0
     budget: int | None = None
     instance_total: int | None = None
+    #: Servers there in use by a client now, and the most at once since the budget last
+    #: looked (kept by the pool's one state mover).
+    active: int = 0
+    busiest: int = 0
 
     def limit(self, cap: int) -> int:
         """The hard cap `cap` (0 = none) lowered by the soft cap, if any."""

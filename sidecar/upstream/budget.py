@@ -9,17 +9,22 @@ the pool's user has (`QUERY`), and moves a soft cap on its own connections there
 The rule, per agent and instance, with B the budget, T the instance total, c our own count:
 
 - Fit: c * B / T. If every agent scales by B / T the total lands on B, whatever the split.
-- Probe: an agent that wanted more than its cap (it had clients waiting at the cap: "hungry")
-  adds STEP. Scaling alone keeps whatever split the agents had; the equal step is what makes
-  the small shares catch up (AIMD's reason for additive increase), and it lets demand show.
+- Probe: an agent that wanted more than it had (clients waited for a server, at its soft cap
+  or at a hard one: "hungry") adds STEP. Scaling alone keeps whatever split the agents had;
+  the equal step is what makes the small shares catch up (AIMD's reason for additive
+  increase), and it lets demand show.
 - Level: with every hungry agent doing c' = c*B/T + STEP, the fixed point is the same for all
   of them, c = STEP*T / (T-B), whatever the number of agents and whatever the satisfied ones
-  hold. Every agent can compute it from T alone, so each is pulled a quarter of the way to it
-  (PULL) once the excess is large enough to trust (TRUST_EXCESS): the shares converge within a
-  few intervals rather than the tens that the probe alone takes, and a newcomer starts at it.
-- An agent that was not blocked leaves what it does not use: its cap comes down to its peak use
-  plus one (the one lets a rise in demand show as blocking). Under the budget it keeps the
-  servers it has (closing them would free nothing anyone needs).
+  hold. Every agent can compute it from T alone (the excess smoothed over a few checks, SMOOTH),
+  so each is pulled a quarter of the way up to it (PULL), half the way down (PULL_DOWN), once
+  over the budget by enough to trust (TRUST_EXCESS): the shares converge within a few
+  intervals rather than the tens the probe alone takes, and a newcomer starts at it.
+- An agent whose clients never waited but that had every server its cap allows in use (a pool
+  sized to the app's threads, at its hard cap) is busy all the same: over the budget it fits
+  and comes down to the level, without a probe.
+- An agent with room under its cap leaves what it does not use: over the budget its cap comes
+  down to its peak use plus one (the one lets a rise in demand show as waiting). Under the
+  budget it keeps the servers it has (closing them would free nothing anyone needs).
 - Never below 1 (every agent keeps serving), never above the hard caps, and growth per interval
   at most doubles the count (plus half the free budget): agents that start together each see the
   instance nearly empty, and must not all take the whole budget at once.
@@ -53,7 +58,7 @@ PULL = 0.25
 #: The same, for an agent above the level.
 PULL_DOWN = 0.5
 #: The level is trusted once the total exceeds the budget by this many probes.
-TRUST_EXCESS = 2.0
+TRUST_EXCESS = 1.5
 #: Weight of the newest count in the smoothed excess over the budget.
 SMOOTH = 0.5
 #: `auto`: this fraction of (max_connections - superuser_reserved_connections).
@@ -156,24 +161,34 @@ def next_cap(
 
     cap: the current soft cap (float: the fractions the integer counts drop are kept here);
     own: our server connections there now; total: the instance's count (ours included);
-    hungry: clients waited because of this cap since the last check; used: the most servers
+    hungry: clients waited for a server since the last check; used: the most servers
     in use at once there since the last check; hard: the hard cap (0 = none); excess: the
     total's excess over the budget, smoothed over the last checks (default: this one's).
     """
     t = max(total, own, 1)
+    # Only while over the budget: under it there is no common level (the total still moves).
+    lvl = level(t, t - budget if excess is None else excess) if t > budget else None
     if hungry:
         # At the cap: the float cap carries the probes that the integer count rounds away.
         base = max(float(own), cap)
         new = base * budget / t + STEP
-        # Only while over the budget: under it there is no common level (the total still moves).
-        lvl = level(t, t - budget if excess is None else excess) if t > budget else None
         if lvl is not None:
             # Down harder than up: the shares still meet, and the total settles lower.
             pull = (PULL if lvl > base else PULL_DOWN) * (lvl - base)
             new += max(-base / 2, min(pull, max(2 * STEP, base)))
         new = min(new, base + max(STEP, base, (budget - t) / 2))
+    elif t > budget and used >= own >= int(cap):
+        # Nobody waited, but every server the cap allows was in use (a pool sized to the app's
+        # threads, at its hard cap):
+        # it fits to the budget like the others, without a probe (it asked for nothing more),
+        # and comes down to the level with them.
+        new = own * budget / t
+        if lvl is not None and lvl < own:
+            new += max(-own / 2, PULL_DOWN * (lvl - own))
+        new = min(cap, new)
     elif t >= budget:
-        new = min(cap, used + 1.0, own * budget / t + STEP)
+        # Satisfied, with room under its cap: what it did not use goes to the others.
+        new = min(cap, used + 1.0)
     else:
         new = max(used + 1.0, min(cap, float(own + budget - t)))
     return _bounded(new, hard)
@@ -218,7 +233,11 @@ class InstanceBudget:
         """Apply one count; return True when the over-budget warning is due."""
         if self.budget is not None:
             ex = float(total - self.budget)
-            self.excess = ex if self.excess is None else self.excess + SMOOTH * (ex - self.excess)
+            if ex <= 0:
+                self.excess = None  # under the budget: no level; start afresh when over
+            else:
+                old = self.excess
+                self.excess = ex if old is None else old + SMOOTH * (ex - old)
         if self.budget is None:
             # Read once per instance: max_connections only changes with a restart, and an
             # instance that comes back after one is a new Instance with a new state.
@@ -250,8 +269,8 @@ class Budgets:
 
     The pool calls `due` from its janitor and runs QUERY on a server of each instance it gets
     (an idle one, or the next one released there), then hands the answer to `answer`. It
-    reports demand with `blocked` (clients wait and no instance has room) and `sample` (servers
-    in use per instance). Instances are keyed by identity: one that was forgotten and comes back
+    reports demand with `blocked` (clients wait); Instance.busiest has the most servers in use
+    at once. Instances are keyed by identity: one that was forgotten and comes back
     is a new Instance, and starts afresh (its max_connections may have changed).
     """
 
@@ -300,23 +319,22 @@ class Budgets:
         st.checking = False
         st.due = now if st.budget is None else now + self.interval
 
-    def blocked(self, instances: Iterable[Instance], cap: int) -> None:
-        """Clients wait and no instance had room: those held back by a soft cap were hungry."""
+    def blocked(self, instances: Iterable[Instance]) -> None:
+        """Clients wait for a server: the pool wants more than it holds, on every instance it
+        uses (one with room would have got the connection). Held back by a soft cap or by a
+        hard one, it is a busy sidecar either way, and must take part in the level."""
         for inst in instances:
-            soft = inst.soft_cap
-            if soft and inst.servers >= soft and (cap <= 0 or soft < cap):
+            if inst.servers > 0:
                 self.state(inst).hungry = True
-
-    def sample(self, inst: Instance, in_use: int) -> None:
-        st = self.state(inst)
-        if in_use > st.used:
-            st.used = in_use
 
     def answer(
         self, inst: Instance, *, total: int, max_connections: int, reserved: int, hard: int
     ) -> bool:
         """Apply a count to the instance's soft cap; True when the over-budget warning is due."""
         st = self.state(inst)
+        # The check's own server counts as in use: it is one of ours, busy for the count.
+        st.used = max(st.used, inst.busiest)
+        inst.busiest = inst.active
         warn = st.answer(
             self.setting,
             own=inst.servers,
