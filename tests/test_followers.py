@@ -789,7 +789,9 @@ async def test_instance_stats_lines_match_the_instances(
     assert re.search(
         rf"^sidecar at=instance pool=appdb instance={re.escape(F1)} state=up"
         rf" sample#servers={cap} sample#cap={cap} sample#connect_ms=[0-9.]+"
-        r" count#connect_failures=0 role=standby$",
+        r" count#connect_failures=0 role=standby"
+        # the connection budget (auto: 90 % of each follower's limit), after the fields above
+        r" sample#budget=267 sample#soft_cap=8 sample#instance_total=[0-9]+$",
         text,
         re.MULTILINE,
     ), text[-3000:]

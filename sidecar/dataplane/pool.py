@@ -1059,15 +1059,16 @@ class Pool:
             }
             if row["connect_ms"] is not None:
                 line["sample#connect_ms"] = row["connect_ms"]
-            if row["budget"] is not None:
-                line["sample#budget"] = row["budget"]
-                line["sample#soft_cap"] = row["soft_cap"]
-                line["sample#instance_total"] = row["instance_total"]
+            line["count#connect_failures"] = failures
             line["count#connect_failures"] = failures
             if row["lag_s"] is not None:
                 line["sample#lag_s"] = row["lag_s"]
             if row["hot_standby"] is not None:
                 line["role"] = r.role_name(row["hot_standby"], row["read_only"])
+            if row["budget"] is not None:
+                line["sample#budget"] = row["budget"]
+                line["sample#soft_cap"] = row["soft_cap"]
+                line["sample#instance_total"] = row["instance_total"]
             if row["last_error"]:
                 line["last_error"] = row["last_error"]
             lines.append(line)
