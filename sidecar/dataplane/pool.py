@@ -948,8 +948,8 @@ class Pool:
     def _budget_tick(self, now: float) -> None:
         """Janitor: note clients waiting; start the checks that are due."""
         budgets = self.budgets
-        if budgets is None:
-            return
+        if budgets is None or self.paused or self.proxy.shutting_down:
+            return  # PAUSE waits for every server to come back; a drain needs no count
         if self.waiters:
             budgets.blocked(self.instances)
         for inst in [i for i in self._budget_wanted if i.servers <= 0]:
