@@ -976,12 +976,14 @@ class Pool:
             self.budgets.done(inst, time.monotonic())
             return  # connection_lost (or the stall timeout) already moved it
         now = time.monotonic()
-        self.budgets.done(inst, now)
-        if server.state is not S_ACTIVE:
-            return
         row = rows[0] if rows else []
-        if error is not None or len(row) != 3 or server.tx_status != _I:
+        if server.state is not S_ACTIVE or error is not None or len(row) != 3:
+            self.budgets.done(inst, now)
             self.close_server(server, f"budget check failed: {error}")
+            return
+        if server.tx_status != _I:
+            self.budgets.done(inst, now)
+            self.close_server(server, "budget check left a transaction open")
             return
         total, max_conn, reserved = (int(v or 0) for v in row)
         before = inst.soft_cap
@@ -992,6 +994,8 @@ class Pool:
             reserved=reserved,
             hard=self._hard_cap(),
         )
+        # After the answer: an instance that has never answered is counted again at once.
+        self.budgets.done(inst, now)
         if inst.soft_cap != before:
             logger.info(
                 "soft_cap",
