@@ -182,7 +182,7 @@ async def test_three_sidecars_share_the_budget_and_make_room(
         totals, means = await sample(pg, proxies, 8 * INTERVAL)
         print("instance totals, 3 sidecars:", totals, "mean shares:", means)
         assert max(totals) <= BUDGET + SLACK, totals
-        assert sum(totals) / len(totals) <= BUDGET + 3, totals  # the probes: one each
+        assert sum(totals) / len(totals) <= BUDGET + 4, totals  # the probes, one each, + 1
         assert fair(means), means
         served = [load.served for load in running]
         await asyncio.sleep(2 * INTERVAL)
@@ -226,7 +226,7 @@ async def test_three_sidecars_share_the_budget_and_make_room(
             totals, means = await sample(pg, three, 6 * INTERVAL)
             print("instance totals, after the newcomer:", totals, "mean shares:", means)
             assert max(totals) <= BUDGET + SLACK, totals
-            assert sum(totals) / len(totals) <= BUDGET + 3, totals
+            assert sum(totals) / len(totals) <= BUDGET + 4, totals
             assert fair(means), means
         finally:
             await extra.stop()
@@ -323,7 +323,7 @@ async def test_workers_are_agents_of_the_dyno(
             await asyncio.sleep(0.1)
         print("instance totals, 2 + 1 workers:", totals)
         assert max(totals) <= BUDGET + SLACK, totals
-        assert sum(totals) / len(totals) <= BUDGET + 3, totals
+        assert sum(totals) / len(totals) <= BUDGET + 4, totals
     for load in running:
         assert load.served > 0
         assert not load.errors, load.errors[:5]

@@ -175,7 +175,9 @@ def next_cap(
         if lvl is not None:
             # Down harder than up: the shares still meet, and the total settles lower.
             pull = (PULL if lvl > base else PULL_DOWN) * (lvl - base)
-            new += max(-base / 2, min(pull, max(2 * STEP, base)))
+            # Up by one more probe at most: a level read from a small excess is noisy, and an
+            # overestimate grows the total; down by half at most.
+            new += max(-base / 2, min(pull, STEP))
         new = min(new, base + max(STEP, base, (budget - t) / 2))
     elif t > budget and used >= own >= int(cap):
         # Nobody waited, but every server the cap allows was in use (a pool sized to the app's
