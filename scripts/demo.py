@@ -46,9 +46,9 @@ from demo_workload import HOLDING_LINE, TABLE  # noqa: E402
 from dnsserver import DNSServer  # noqa: E402
 from followers import FOLLOWER_ADDRS, FOLLOWER_PORT, FOLLOWERS_NAME, ReplicaCluster  # noqa: E402
 from pgfixtures import (  # noqa: E402
-    PASSWORDS,
     PostgresServer,
     free_port,
+    libpq_dsn,
     pg_bin_dir,
     short_tempdir,
 )
@@ -491,7 +491,7 @@ def budget_demo(console: Console, args: argparse.Namespace) -> int:
             stack.callback(shutil.rmtree, socket_dir, True)
             settings = {
                 "SIDECAR_INSTANCE_BUDGET": str(DEMO_BUDGET),
-                "SIDECAR_BUDGET_INTERVAL": "1",
+                "SIDECAR_BUDGET_INTERVAL": "0.5",
                 "SIDECAR_DEFAULT_POOL_SIZE": str(DEMO_CLIENTS),
                 "SIDECAR_PORT": str(port),
                 "SIDECAR_SOCKET_DIR": str(socket_dir),
@@ -547,7 +547,7 @@ def budget_demo(console: Console, args: argparse.Namespace) -> int:
                 stack.callback(thread.join, 5)
             console.step(
                 f"sidecar {name} on 127.0.0.1:{port}: SIDECAR_INSTANCE_BUDGET={DEMO_BUDGET},"
-                f" SIDECAR_BUDGET_INTERVAL=1, {DEMO_CLIENTS} clients running short transactions"
+                f" SIDECAR_BUDGET_INTERVAL=0.5, {DEMO_CLIENTS} clients running short transactions"
             )
 
         def view(port: int) -> str:
@@ -559,7 +559,7 @@ def budget_demo(console: Console, args: argparse.Namespace) -> int:
 
         stack.callback(stop.set)
         start("A")
-        seconds = max(args.seconds, 10.0)
+        seconds = max(args.seconds, 20.0)
         joined = False
         begin = time.monotonic()
         while (elapsed := time.monotonic() - begin) < seconds:
@@ -584,17 +584,7 @@ def budget_demo(console: Console, args: argparse.Namespace) -> int:
 
 
 def _demo_dsn(port: int, dbname: str) -> str:
-    from psycopg.conninfo import make_conninfo
-
-    return make_conninfo(
-        "",
-        host="127.0.0.1",
-        port=port,
-        dbname=dbname,
-        user="app",
-        password=PASSWORDS["app"],
-        sslmode="disable",
-    )
+    return libpq_dsn("127.0.0.1", port, "app", None, dbname, "disable", {})
 
 
 def _stop_process(proc: subprocess.Popen[str]) -> None:
