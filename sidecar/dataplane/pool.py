@@ -956,6 +956,12 @@ class Pool:
             # Its last server closed before coming free: count again once we hold one.
             self._budget_wanted.discard(inst)
             budgets.done(inst, now)
+        if self.waiters:
+            for inst in self._budget_wanted:
+                if inst.budget is None and inst.soft_cap:
+                    # Never counted, and its servers are all held (a transaction left open):
+                    # the one-server start must not hold the waiting clients back.
+                    inst.soft_cap = 0
         for inst in budgets.due(self.instances, now):
             # The most recently used idle server there (the LIFO top): it goes back on top.
             spare = next((x for x in reversed(self.idle) if x.instance is inst), None)
