@@ -958,7 +958,7 @@ class Pool:
             budgets.done(inst, now)
         if self.waiters:
             for inst in self._budget_wanted:
-                if inst.budget is None and inst.soft_cap:
+                if inst.budget is None and inst.soft_cap and inst.active >= inst.servers > 0:
                     # Never counted, and its servers are all held (a transaction left open):
                     # the one-server start must not hold the waiting clients back.
                     inst.soft_cap = 0
