@@ -303,14 +303,18 @@ class Budgets:
         return due
 
     def first_check(self, instances: Iterable[Instance]) -> list[Instance]:
-        """Instances never counted and not being counted: soft cap 1 until their first answer;
-        the caller runs their check on the first server it holds there."""
+        """Instances never counted and not being counted: soft cap 1 until their first answer
+        (if the pool holds none there yet); the caller runs their check on the first server
+        it holds there."""
         new: list[Instance] = []
         for inst in instances:
             st = self.state(inst)
             if st.budget is None and not st.checking:
                 st.checking = True
-                inst.soft_cap = 1
+                if inst.servers == 0:
+                    # Not if the pool already opened some there (a login came first): the
+                    # excess plan would close them again.
+                    inst.soft_cap = 1
                 new.append(inst)
         return new
 
