@@ -543,8 +543,9 @@ class Pool:
             self._fill()
             return
         inst = server.instance
-        if self._budget_wanted and inst in self._budget_wanted:
-            # Between two transactions: the budget check that waited for it goes first.
+        if self._budget_wanted and inst in self._budget_wanted and not self.logins:
+            # Between two transactions: the budget check that waited for it goes first (after
+            # waiting logins: one may need this server to learn how settings are spelled).
             self._budget_wanted.discard(inst)
             self._move(server, S_ACTIVE)
             self._spawn(self._budget_check(inst, server))
