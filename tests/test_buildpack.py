@@ -35,15 +35,27 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _compile(build: Path, cache: Path, env_dir: Path) -> subprocess.CompletedProcess[str]:
+def _compile(
+    build: Path, cache: Path, env_dir: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BUILDPACK / "compile"), str(build), str(cache), str(env_dir)],
-        env=_clean_env(),
+        env=_clean_env(**env),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=400,  # compiling the hot path: a minute or two on a loaded 2-core machine
         check=False,
+    )
+
+
+def _heroku_python(build: Path) -> None:
+    """What heroku/python leaves: a Python >= 3.11 with pip (and its headers) at .heroku/python."""
+    subprocess.run(
+        [sys.executable, "-m", "venv", str(build / ".heroku" / "python")],
+        check=True,
+        timeout=60,
+        env=_clean_env(),
     )
 
 
@@ -96,17 +108,12 @@ def test_compile_with_an_old_python_names_the_version(dirs: tuple[Path, Path, Pa
     )
 
 
+@pytest.mark.timeout(500)
 def test_compile_then_run_the_slug(
     dirs: tuple[Path, Path, Path], pg: PostgresServer, tmp_path: Path
 ) -> None:
     build, cache, env_dir = dirs
-    # what heroku/python leaves: a Python >= 3.11 with pip at .heroku/python
-    subprocess.run(
-        [sys.executable, "-m", "venv", str(build / ".heroku" / "python")],
-        check=True,
-        timeout=60,
-        env=_clean_env(),
-    )
+    _heroku_python(build)
     (build / "Procfile").write_text("web: bin/start-sidecar python -m http.server $PORT\n")
 
     res = _compile(build, cache, env_dir)
@@ -118,6 +125,11 @@ def test_compile_then_run_the_slug(
     assert (build / ".sidecar" / "lib" / "sidecar" / "shell" / "launcher.py").is_file()
     assert os.readlink(build / ".sidecar" / "python") == "../.heroku/python/bin/python3"
     assert (build / ".profile.d" / "pg-sidecar.sh").is_file()
+    # the hot path compiled with the slug's Python, only the extensions kept
+    assert "       Build: compiled hot path (build=compiled)" in res.stdout, res.stdout
+    lib = build / ".sidecar" / "lib" / "sidecar"
+    assert list(lib.glob("protocol/frontend.*.so"))
+    assert not list(lib.glob("**/*.c"))
 
     # Heroku runs the slug from another place than it was built in
     app = tmp_path / "app"
@@ -154,4 +166,24 @@ def test_compile_then_run_the_slug(
     assert "app" in [line.strip() for line in run.stdout.splitlines()]
     assert len(sidecar_lines(out, "launch")) == 1
     assert sidecar_lines(out)[-1] == "sidecar at=exit code=0"
+    assert "build=compiled" in sidecar_lines(out, "listening")[0]
     assert not password_leaks(out)
+
+
+@pytest.mark.timeout(500)
+def test_compile_falls_back_to_pure_python(dirs: tuple[Path, Path, Path]) -> None:
+    """A build image whose C compiler fails: the slug gets the pure package, and says so."""
+    build, cache, env_dir = dirs
+    _heroku_python(build)
+    res = _compile(build, cache, env_dir, CC="false")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert all(line.startswith(("-----> ", "       ")) for line in res.stdout.splitlines())
+    assert "compiling failed (CompileError" in res.stdout, res.stdout
+    assert "Build: compiling failed or skipped (see above); pure Python (build=python)" in (
+        res.stdout
+    )
+    lib = build / ".sidecar" / "lib" / "sidecar"
+    assert (lib / "protocol" / "frontend.py").is_file()
+    assert not list(lib.glob("**/*.so"))
+    topics = [line for line in res.stdout.splitlines() if line.startswith("-----> ")]
+    assert topics[-1] == "-----> pg-sidecar installed"

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import log
+from .. import STALE, build, log
 from ..config import PoolConfig, Settings
 from ..protocol.errors import ADMIN_SHUTDOWN
 from .client import ClientConn, ConsoleSession
@@ -119,8 +119,16 @@ class Proxy:
             socket=self.socket_path or (w.unix_path if w else None),
             pool_mode=s.pool_mode,
             pools=",".join(self.pools),
+            build=build(),
             **({} if w is None else {"workers": w.count, "pid": os.getpid()}),
         )
+        if STALE:
+            logger.warning(
+                "build_stale",
+                sources=",".join(STALE),
+                hint="edited since the hot path was compiled: running pure Python; "
+                "rebuild with pip install -e .",
+            )
         for pool in self.pools.values():
             logger.info(
                 "pool",
