@@ -12,7 +12,7 @@ than most changes).
     python bench/driver.py callgrind [--extended]   # valgrind at 2,000 and 12,000 xacts
     python bench/driver.py time [N] [--extended]   # wall clock, best of 5
     python bench/driver.py run N [--extended]       # N transactions (what callgrind runs)
-    python bench/driver.py profile [--extended]     # callgrind_annotate of the 12,000 run
+    python bench/driver.py profile [--extended]     # the same, per function
 
 Instructions per transaction = (I(12,000) - I(2,000)) / 10,000: start-up and imports cancel
 out. SIDECAR_PURE_PYTHON=1 measures the pure-Python build with the same driver.
@@ -166,15 +166,37 @@ def _callgrind(n: int, extended: bool, out: Path) -> int:
     return int(found.group(1))
 
 
-def callgrind(extended: bool, keep: Path | None = None) -> float:
+def _functions(out: Path) -> dict[str, int]:
+    """Instructions per function (self cost) from callgrind_annotate."""
+    text = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", "--auto=no", "--threshold=100", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    costs: dict[str, int] = {}
+    for line in text.splitlines():
+        found = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(\S.*?)(?: \[.*\])?$", line)
+        if found and "PROGRAM TOTALS" not in line:
+            name = found.group(2).rsplit("/", 1)[-1]
+            costs[name] = costs.get(name, 0) + int(found.group(1).replace(",", ""))
+    return costs
+
+
+def callgrind(extended: bool, profile: bool = False) -> float:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory() as tmp:
-        small = _callgrind(2000, extended, Path(tmp) / "small.out")
-        big_out = Path(tmp) / "big.out"
+        small_out, big_out = Path(tmp) / "small.out", Path(tmp) / "big.out"
+        small = _callgrind(2000, extended, small_out)
         big = _callgrind(12000, extended, big_out)
-        if keep is not None:
-            shutil.copy(big_out, keep)
+        if profile:
+            # Per function, the difference of the two runs: start-up and imports cancel out.
+            before, after = _functions(small_out), _functions(big_out)
+            diff = {k: (v - before.get(k, 0)) / 10000 for k, v in after.items()}
+            print(f"{'per xact':>9}  function (self cost, the 10,000 extra transactions)")
+            for name, per in sorted(diff.items(), key=lambda kv: -kv[1])[:45]:
+                print(f"{per:9,.0f}  {name}")
     return (big - small) / 10000
 
 
@@ -191,11 +213,8 @@ def main() -> None:
         per = callgrind(args.extended)
         print(f"build={sidecar.build()} {kind}: {per:,.0f} instructions per transaction")
     elif args.mode == "profile":
-        out = Path(tempfile.mkdtemp()) / "callgrind.out"
-        per = callgrind(args.extended, keep=out)
+        per = callgrind(args.extended, profile=True)
         print(f"build={sidecar.build()} {kind}: {per:,.0f} instructions per transaction")
-        print(f"(12,000-transaction run kept in {out})")
-        subprocess.run(["callgrind_annotate", "--inclusive=no", str(out)], check=True)
     else:
         best = float("inf")
         for _ in range(5):

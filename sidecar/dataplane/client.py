@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from .. import log
 from ..protocol import messages as m
 from ..protocol.auth import AuthError, ScramServer, verify_md5_response
+from ..protocol.backend import Backend
 from ..protocol.errors import (
     ADMIN_SHUTDOWN,
     INVALID_AUTHORIZATION,
@@ -27,6 +28,7 @@ from ..protocol.errors import (
     ProtocolError,
 )
 from ..protocol.frontend import Frontend, local_prepare
+from .counters import PoolStats
 from .server import TLS_READ_BUFFER, set_nodelay
 
 if TYPE_CHECKING:
@@ -277,10 +279,13 @@ class ClientConn(asyncio.Protocol):
         """Walk the client's bytes for the linked server and send them."""
         server = self.server
         assert server is not None
-        frontend = self.frontend
+        # Annotated locals: in the compiled build, C-level access to the walkers' fields
+        # (client.pxd cimports their types).
+        frontend: Frontend = self.frontend
+        backend: Backend = server.backend
         try:
             out, requests, terminate = frontend.feed(
-                data, server.statements, server.pool.registry, server.backend.copy_in
+                data, server.statements, server.pool.registry, backend.copy_in
             )
         except ProtocolError as exc:
             # The walker may have booked messages before the bad one that were never sent:
@@ -293,12 +298,13 @@ class ClientConn(asyncio.Protocol):
         if out:
             if not server.pending:  # nothing in flight: start the clocks
                 server.query_start = now
-                if server.backend.tx_status == _I:
+                if backend.tx_status == _I:
                     server.xact_start = now
             server.pending += requests
             server.dirty_tail = frontend.dirty_tail
             server.write(out)
-            server.stats.bytes_in += len(out)
+            stats: PoolStats = server.stats
+            stats.bytes_in += len(out)
         self.last_active = now
         if terminate:
             self._gone("client close request")

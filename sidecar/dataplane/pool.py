@@ -576,7 +576,8 @@ class Pool:
                     hint="pool too small for the load, or long transactions",
                 )
         else:
-            self.stats.waits += 1  # waited(0.0), without the call
+            stats: PoolStats = self.stats
+            stats.waits += 1  # waited(0.0), without the call
         self._move(server, S_ACTIVE)
         server.client = client
         server.linked_at = now

@@ -32,6 +32,7 @@ from ..protocol.errors import (
 from ..protocol.frontend import Q_DISCARD
 from ..protocol.statements import ServerStatements
 from ..upstream.roles import ROLE_PARAMS
+from .counters import PoolStats
 
 if TYPE_CHECKING:
     from ..upstream.balancer import Instance
@@ -218,7 +219,9 @@ class ServerConn(asyncio.BaseProtocol):
             self._inbuf += data
             self._wake()
             return
-        backend = self.backend
+        # Annotated locals: in the compiled build, C-level access to the walker's fields and
+        # the counters (server.pxd cimports their types).
+        backend: Backend = self.backend
         try:
             out = backend.feed(data, self.statements)
         except ProtocolError as exc:
@@ -229,7 +232,7 @@ class ServerConn(asyncio.BaseProtocol):
             return
         if client is None:
             return  # async messages (NOTICE, ParameterStatus) while idle in the pool
-        st = self.stats
+        st: PoolStats = self.stats
         if out:
             client.write(out)
             st.bytes_out += len(out)

@@ -8,8 +8,6 @@ header) is held back until its last byte arrives, so every decision sees whole m
 
 from __future__ import annotations
 
-import struct
-
 from .errors import ProtocolError
 from .messages import MAX_MESSAGE_LENGTH, message, parse_parameter_status
 from .statements import Fix, ServerStatements, Special
@@ -28,8 +26,18 @@ _A = ord("A")
 # NotificationResponse; and with statement fixups pending, ParseComplete and CloseComplete.
 _WHOLE_PLAIN = b"ZSEGA"
 _WHOLE = _WHOLE_PLAIN + b"13"
-_EVERY = bytes(range(256))
 _COPY_IN_RESPONSE = ord("G")
+PARSE_COMPLETE_MSG = b"1\x00\x00\x00\x04"
+# The sets above as tables indexed by the type byte (C arrays in the compiled build, see
+# backend.pxd): 1 for the types `feed` reads whole.
+_SLOW_PLAIN = bytes(1 if typ in _WHOLE_PLAIN else 0 for typ in range(256))
+_SLOW_EVERY = bytes([1]) * 256
+_IS_WHOLE = bytes(1 if typ in _WHOLE else 0 for typ in range(256))
+
+
+def _signed(length: int) -> int:
+    """A message length as PostgreSQL reads it (int32): for the error text only."""
+    return length - (1 << 32) if length >= 1 << 31 else length
 
 
 # The severity fields of a FATAL/PANIC ErrorResponse: S (maybe localized) comes first, V (never
@@ -124,13 +132,17 @@ class Backend:
         copied = 0
         # Fixups come from the client's side, never from a feed: with none pending now, only
         # the types read whole need the full path; with some, every message takes it.
-        slow = _EVERY if ctx is not None and (ctx.fixups or ctx.open_specials) else _WHOLE_PLAIN
+        slow = _SLOW_EVERY if ctx is not None and (ctx.fixups or ctx.open_specials) else _SLOW_PLAIN
+        # The compiled build reads `buf` as a C array (backend.pxd); `data` is not rebound
+        # while the loop reads it.
+        buf = data
         headed = n - 5  # the last position where a whole header can start
         while pos <= headed:
-            typ = data[pos]
-            (length,) = _unpack_i32(data, pos + 1)
+            typ = buf[pos]
+            # int32, big-endian (the compiled build's C int makes it signed; see _signed)
+            length = buf[pos + 1] << 24 | buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]
             end = pos + 1 + length
-            if typ not in slow and 4 <= length <= MAX_MESSAGE_LENGTH:
+            if not slow[typ] and 4 <= length <= MAX_MESSAGE_LENGTH:
                 # Most messages (RowDescription, DataRow, CommandComplete ...): streamed as is.
                 if end <= n:
                     pos = end
@@ -139,12 +151,12 @@ class Backend:
                 pos = n
                 break
             if length < 4 or length > MAX_MESSAGE_LENGTH:
-                raise ProtocolError(f"invalid message length {length} from server")
+                raise ProtocolError(f"invalid message length {_signed(length)} from server")
             if typ == _Z:  # the one whole message of every answer: inline
                 if end > n:
                     self._held = data[pos:]
                     break
-                status = data[pos + 5] if length > 4 else _I
+                status = buf[pos + 5] if length > 4 else _I
                 self.tx_status = status
                 self.copy_in = False
                 zs += 1
@@ -163,7 +175,7 @@ class Backend:
                     else:
                         ctx.recv_z += 1
                         self._batch_parses = self._batch_closes = 0
-            elif typ in _WHOLE:
+            elif _IS_WHOLE[typ]:
                 if end > n:
                     self._held = data[pos:]
                     break

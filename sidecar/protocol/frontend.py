@@ -43,6 +43,41 @@ _FRONTEND_TYPES = b"BCDEFHPQSXcdf"
 _USUAL = _FRONTEND_TYPES.replace(b"X", b"")  # all but Terminate
 _NONE = -1
 
+# The sets above as bits of one table indexed by the type byte: `feed` looks a message's
+# type up once (a C array read in the compiled build, see frontend.pxd).
+_K_USUAL = 1
+_K_INSPECT = 2
+_K_REQUEST = 4
+_K_COPY_WATCH = 8
+_K_COPY = 16
+_K_EXTENDED = 32
+_K_BIND_DESCRIBE = 64
+
+
+def _kinds() -> bytes:
+    table = bytearray(256)
+    for bit, members in (
+        (_K_USUAL, _USUAL),
+        (_K_INSPECT, _INSPECT),
+        (_K_REQUEST, _REQUESTS),
+        (_K_COPY_WATCH, _COPY_WATCH),
+        (_K_COPY, _COPY),
+        (_K_EXTENDED, _EXTENDED),
+        (_K_BIND_DESCRIBE, _BIND_DESCRIBE),
+    ):
+        for typ in members:
+            table[typ] |= bit
+    return bytes(table)
+
+
+_KINDS = _kinds()
+
+
+def _signed(length: int) -> int:
+    """A message length as PostgreSQL reads it (int32): for the error text only."""
+    return length - (1 << 32) if length >= 1 << 31 else length
+
+
 # What a query does to the session (bit flags).
 Q_ADVISORY = 1  #: takes a session-level advisory lock
 Q_TEMP = 2  #: creates a temporary object
@@ -302,20 +337,26 @@ class Frontend:
         if self._skip:
             pos = self._skip if self._skip < n else n
             self._skip -= pos
-            if not self._skip and self._skip_type not in _COPY:
+            if not self._skip and not _KINDS[self._skip_type] & _K_COPY:
                 last = self._skip_type
         out: list[bytes] | None = None  # set once a message is rewritten
         copied = 0  # data[copied:pos] not yet in `out`
         inspect = self.inspect
         after_exec, exec_syncs = self._after_exec, self._exec_syncs
+        # The compiled build reads `buf` and `kinds` as C arrays (frontend.pxd); `data` is not
+        # rebound while the loop reads `buf`.
+        buf = data
+        kinds = _KINDS
         headed = n - 5  # the last position where a whole header can start
         while pos <= headed:
-            typ = data[pos]
-            (length,) = _unpack_i32(data, pos + 1)
-            if typ not in _USUAL or length < 4 or length > MAX_MESSAGE_LENGTH:
+            typ = buf[pos]
+            kind = kinds[typ]
+            # int32, big-endian (the compiled build's C int makes it signed; see _signed)
+            length = buf[pos + 1] << 24 | buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]
+            if not kind & _K_USUAL or length < 4 or length > MAX_MESSAGE_LENGTH:
                 # One test on the fast path for three rare cases.
                 if length < 4 or length > MAX_MESSAGE_LENGTH:
-                    raise ProtocolError(f"invalid message length {length}")
+                    raise ProtocolError(f"invalid message length {_signed(length)}")
                 if typ != _X:
                     raise ProtocolError(f"invalid frontend message type {typ}")
                 terminate = True
@@ -326,7 +367,7 @@ class Frontend:
                 n = pos
                 break
             end = pos + 1 + length
-            if inspect and typ in _INSPECT:
+            if inspect and kind & _K_INSPECT:
                 # Whole messages only; none of them is a COPY or a Sync, and each one ends
                 # here (fewer tests per message than the general path below).
                 if end > n:
@@ -338,7 +379,7 @@ class Frontend:
                     requests += 1
                     if ctx is not None:
                         self._request(ctx)
-                elif typ in _BIND_DESCRIBE:
+                elif kind & _K_BIND_DESCRIBE:
                     # Nothing to rename or note without the client's named statements (an
                     # unnamed-statement client): no call.
                     repl = (
@@ -360,11 +401,11 @@ class Frontend:
                 last = typ
                 pos = end
                 continue
-            if typ in _REQUESTS:
+            if kind & _K_REQUEST:
                 requests += 1
                 if ctx is not None:
                     self._request(ctx)
-            if typ in _COPY_WATCH:
+            if kind & _K_COPY_WATCH:
                 if typ == _EXECUTE:
                     exec_syncs = 0
                     after_exec = True
@@ -392,7 +433,7 @@ class Frontend:
                 self._skip_type = typ
                 pos = n
                 break
-            if typ not in _COPY:
+            if not kind & _K_COPY:
                 last = typ
             pos = end
         else:
@@ -400,7 +441,7 @@ class Frontend:
                 self._held = data[pos:]
         self._after_exec, self._exec_syncs = after_exec, exec_syncs
         if last != _NONE:
-            self._batch_open = last in _EXTENDED
+            self._batch_open = bool(_KINDS[last] & _K_EXTENDED)
         mid = self.mid_message = self._skip != 0
         self.dirty_tail = self._batch_open or mid
         limit = n - len(self._held) if self._held else n
