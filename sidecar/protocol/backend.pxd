@@ -8,6 +8,7 @@ from .statements cimport ServerStatements
 cdef int _Z, _S, _E, _I, _A, _PARSE_COMPLETE, _CLOSE_COMPLETE, _COPY_IN_RESPONSE
 cdef bytes _SLOW_PLAIN, _SLOW_EVERY, _IS_WHOLE
 cdef Py_ssize_t MAX_MESSAGE_LENGTH
+cdef bint _COMPILED
 
 
 cdef class Backend:

@@ -9,6 +9,7 @@ cdef int _P, _B, _D, _C, _Q, _S, _F, _X, _H, _EXECUTE, _NONE
 cdef int _K_USUAL, _K_INSPECT, _K_REQUEST, _K_COPY_WATCH, _K_COPY, _K_EXTENDED, _K_BIND_DESCRIBE
 cdef bytes _KINDS
 cdef Py_ssize_t MAX_MESSAGE_LENGTH
+cdef bint _COMPILED
 
 cpdef bint _plain(bytes sql)
 

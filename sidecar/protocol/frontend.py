@@ -73,6 +73,10 @@ def _kinds() -> bytes:
 _KINDS = _kinds()
 
 
+# True when this module runs compiled (setup.py): Cython gives it a .so as __file__.
+_COMPILED = not __file__.endswith(".py")
+
+
 def _signed(length: int) -> int:
     """A message length as PostgreSQL reads it (int32): for the error text only."""
     return length - (1 << 32) if length >= 1 << 31 else length
@@ -351,8 +355,10 @@ class Frontend:
         while pos <= headed:
             typ = buf[pos]
             kind = kinds[typ]
-            # int32, big-endian (the compiled build's C int makes it signed; see _signed)
-            length = buf[pos + 1] << 24 | buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]
+            if _COMPILED:  # int32, big-endian, from four C byte reads (signed: see _signed)
+                length = buf[pos + 1] << 24 | buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]
+            else:  # one C call, cheaper than four Python-level reads
+                (length,) = _unpack_i32(data, pos + 1)
             if not kind & _K_USUAL or length < 4 or length > MAX_MESSAGE_LENGTH:
                 # One test on the fast path for three rare cases.
                 if length < 4 or length > MAX_MESSAGE_LENGTH:
