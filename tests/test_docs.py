@@ -26,7 +26,11 @@ README_MAX_LINES = 250
 
 #: Where the code reads environment variables that are not Settings fields: the launcher's
 #: shell wrapper and every Python module of the package.
-ENV_SOURCES = [ROOT / "bin" / "start-sidecar", *sorted((ROOT / "sidecar").rglob("*.py"))]
+ENV_SOURCES = [
+    ROOT / "bin" / "start-sidecar",
+    ROOT / "setup.py",  # build-time variables
+    *sorted((ROOT / "sidecar").rglob("*.py")),
+]
 #: A quoted name in Python ("SIDECAR_CONFIG") or an expansion in shell (${SIDECAR_PYTHON...}).
 ENV_NAME = re.compile(r"""["']((?:SIDECAR|PGBOUNCER)_[A-Z0-9_]+)["']|\$\{?(SIDECAR_[A-Z0-9_]+)""")
 CHECK = "✓"
