@@ -25,6 +25,7 @@ cdef class Frontend:
     cdef public bint dirty_tail
     cdef public bint mid_message
     cdef public dict statements
+    cdef public dict _parsed
     cdef public int flags
     cdef public list set_names
     cdef public dict _effects
@@ -55,4 +56,3 @@ cdef class Frontend:
     )
 
     cpdef _request(self, ServerStatements ctx)
-    cpdef _sync_point(self, ServerStatements ctx)

@@ -2,9 +2,10 @@
 # so that the walkers read and write these fields as C struct members.
 
 cdef class Statement:
+    cdef public Py_ssize_t seq
     cdef public bytes name
+    cdef public bytes rest
     cdef public bint confirmed
-    cdef public bint stale
     cdef public bytes parse_msg
     cdef public int flags
 
@@ -34,5 +35,4 @@ cdef class ServerStatements:
     cdef public Py_ssize_t batch_closes
     cdef public list open_specials
     cdef public dict fixups
-    cdef public list open_binds
-    cdef public dict binds
+    cdef public dict by_text
