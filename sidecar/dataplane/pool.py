@@ -546,9 +546,7 @@ class Pool:
         if self._budget_wanted and inst in self._budget_wanted and not self.logins:
             # Between two transactions: the budget check that waited for it goes first (after
             # waiting logins: one may need this server to learn how settings are spelled).
-            self._budget_wanted.discard(inst)
-            self._move(server, S_ACTIVE)
-            self._spawn(self._budget_check(inst, server))
+            self._count_on(inst, server)
             return
         if inst is not None and self._excess and self._excess.get(inst.addr):
             # Rebalancing: this instance has more than its share; its replacement goes to
@@ -836,6 +834,15 @@ class Pool:
             logins, self.logins = self.logins, []
             for client in logins:
                 self._answer_login(client)
+            if inst in self._budget_wanted and server.state is S_IDLE:
+                # The first count, held back for the logins, still goes before any query.
+                self._count_on(inst, server)
+
+    def _count_on(self, inst: Instance, server: ServerConn) -> None:
+        """The budget check that waited for a server of `inst` takes this one (idle)."""
+        self._budget_wanted.discard(inst)
+        self._move(server, S_ACTIVE)
+        self._spawn(self._budget_check(inst, server))
 
     def _connect_failed(self, inst: Instance, exc: ServerError) -> None:
         self.connecting -= 1
