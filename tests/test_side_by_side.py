@@ -61,7 +61,8 @@ def test_parameter_status_is_spelled_as_postgresql_spells_it(
     with psycopg.connect(pg.dsn(**SETTINGS)) as conn:
         direct = reported(conn)
     assert direct["client_encoding"] == "UTF8" and direct["DateStyle"] == "ISO, DMY"
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="1")
+    # No budget count (#17) on the one server: these logins need it idle to learn spellings.
+    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE="1", SIDECAR_INSTANCE_BUDGET="0")
     for _ in range(2):  # learned on a server, then known
         with psycopg.connect(proxy.dsn(**SETTINGS)) as conn:
             assert reported(conn) == direct
@@ -92,7 +93,8 @@ def test_invalid_startup_setting_fails_the_login_as_postgresql_does(
     options = {"options": "-c DateStyle=nonsense"}
     with pytest.raises(psycopg.OperationalError) as direct:
         psycopg.connect(pg.dsn(**options))
-    proxy = proxy_factory()
+    # No budget count (#17) on the one server: these logins need it idle to learn spellings.
+    proxy = proxy_factory(SIDECAR_INSTANCE_BUDGET="0")
     psycopg.connect(proxy.dsn()).close()  # the pool knows its servers' parameters
     with pytest.raises(psycopg.OperationalError) as pooled:
         psycopg.connect(proxy.dsn(**options))
