@@ -130,6 +130,21 @@ def test_compile_then_run_the_slug(
     lib = build / ".sidecar" / "lib" / "sidecar"
     assert list(lib.glob("protocol/frontend.*.so"))
     assert not list(lib.glob("**/*.c"))
+    assert "Reused the compiled hot path" not in res.stdout
+    assert "Cython (build=compiled)" in res.stdout
+
+    # the next deploy with the same sources and Python reuses the build from the cache
+    again = tmp_path / "again"
+    again.mkdir()
+    _heroku_python(again)
+    res = _compile(again, cache, env_dir)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "       Reused the compiled hot path from the build cache" in res.stdout, res.stdout
+    assert "Cython (build=compiled)" not in res.stdout  # setup.py did not run
+    assert "       Build: compiled hot path (build=compiled)" in res.stdout, res.stdout
+    assert sorted(p.relative_to(again) for p in again.glob(".sidecar/lib/sidecar/**/*.so")) == (
+        sorted(p.relative_to(build) for p in build.glob(".sidecar/lib/sidecar/**/*.so"))
+    )
 
     # Heroku runs the slug from another place than it was built in
     app = tmp_path / "app"
