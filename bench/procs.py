@@ -78,13 +78,13 @@ def run(cmd: list[str | Path], **kwargs: Any) -> subprocess.CompletedProcess[str
     return proc
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `check` every 20 ms until it is true; raise BenchError after `timeout` seconds."""
+def wait_until(check: Callable[[], bool], timeout: float, what: str, poll: float = 0.02) -> None:
+    """Poll `check` every `poll` s until it is true; raise BenchError after `timeout` s."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(poll)
 
 
 def accepts(port: int) -> bool:
@@ -360,6 +360,9 @@ class Pooler:
         self.log_file = base / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.argv: list[str] = []
+        self._spawned_at = 0.0
+        #: Seconds from spawning the process to its port accepting (set by wait_ready).
+        self.ready_s: float | None = None
 
     @property
     def pid(self) -> int:
@@ -369,11 +372,15 @@ class Pooler:
     def _spawn(self, argv: list[str], **kwargs: Any) -> None:
         self.argv = argv
         with self.log_file.open("ab") as log:
+            self._spawned_at = time.monotonic()
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **kwargs
             )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
+        """Poll (every 2 ms: a refused connect costs microseconds) until the port accepts;
+        `ready_s` is then the time from spawning the process to its first accepted connect."""
+
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
@@ -383,7 +390,8 @@ class Pooler:
                 )
             return accepts(self.port)
 
-        wait_until(ready, timeout, f"{self.name} to accept on {HOST}:{self.port}")
+        wait_until(ready, timeout, f"{self.name} to accept on {HOST}:{self.port}", poll=0.002)
+        self.ready_s = time.monotonic() - self._spawned_at
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -502,6 +510,10 @@ class Sidecar(Pooler):
         *,
         root: Path = REPO_ROOT,
         name: str = "sidecar",
+        pure: bool = False,
+        expect_build: str | None = None,
+        env: dict[str, str] | None = None,
+        python_flags: tuple[str, ...] = (),
     ) -> None:
         self.name = name  # before Pooler.__init__, which names the log file after it
         super().__init__(base)
@@ -510,6 +522,16 @@ class Sidecar(Pooler):
         #: Where `sidecar` is imported from: this checkout, or another commit's tree
         #: (`bench/run.py --baseline`); `python -m` puts the working directory first.
         self.root = root
+        #: SIDECAR_PURE_PYTHON=1: the same checkout with its pure-Python modules.
+        self.pure = pure
+        #: "compiled" or "python": start() fails unless the at=listening line says so.
+        self.expect_build = expect_build
+        #: What the at=listening line said (build=...), once started.
+        self.build: str | None = None
+        #: More settings (the start-up figure's SIDECAR_CLIENT_TLS=off) and interpreter
+        #: flags (-X importtime).
+        self.extra_env = env or {}
+        self.python_flags = python_flags
 
     def start(self, pg: Postgres, pool_size: int, max_clients: int, sslmode: str) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -527,10 +549,40 @@ class Sidecar(Pooler):
             SIDECAR_WORKERS=str(self.workers),
             PYTHONUNBUFFERED="1",
         )
+        if self.pure:
+            env["SIDECAR_PURE_PYTHON"] = "1"
+        env.update(self.extra_env)
         # The sslmode comes from SIDECAR_SERVER_TLS_SSLMODE, not the URL.
         url = pg.url(sslmode).partition("?")[0]
-        self._spawn([self.python, "-m", "sidecar", f"{DBNAME}={url}"], env=env, cwd=self.root)
+        argv = [self.python, *self.python_flags, "-m", "sidecar", f"{DBNAME}={url}"]
+        self._spawn(argv, env=env, cwd=self.root)
         self.wait_ready()
+        self.build = self._listening_build()
+        if self.expect_build is not None and self.build != self.expect_build:
+            hint = (
+                " (build the compiled modules: scripts/bootstrap or"
+                " .venv/bin/python setup.py build_ext --inplace; at=build_stale in the log"
+                " means a .py changed since the last build)"
+                if self.expect_build == "compiled"
+                else ""
+            )
+            raise BenchError(
+                f"{self.name} runs build={self.build}, expected build={self.expect_build}"
+                f"{hint}\n{self.log_tail()}"
+            )
+
+    def _listening_build(self, timeout: float = 10.0) -> str:
+        """The build= field of the at=listening line (compiled / python), polled for: the
+        port may accept a moment before the line is in the log."""
+        found: list[str] = []
+
+        def logged() -> bool:
+            if m := re.search(r"at=listening\b.*?\bbuild=(\w+)", self.log_tail(100_000)):
+                found.append(m.group(1))
+            return bool(found)
+
+        wait_until(logged, timeout, f"{self.name}'s at=listening line")
+        return found[0]
 
 
 class Floor(Pooler):
@@ -542,10 +594,14 @@ class Floor(Pooler):
         super().__init__(base)
         self.python = python
 
-    def start(self, pg: Postgres) -> None:
+    def start(self, pg: Postgres, sslmode: str = "disable") -> None:
+        """sslmode "require": TLS towards PostgreSQL, as the poolers' server_tls_sslmode."""
         self.base.mkdir(parents=True, exist_ok=True)
         script = REPO_ROOT / "bench" / "floor.py"
-        self._spawn([self.python, str(script), str(self.port), str(pg.port)], cwd=REPO_ROOT)
+        argv = [self.python, str(script), str(self.port), str(pg.port)]
+        if sslmode != "disable":
+            argv.append("--tls")
+        self._spawn(argv, cwd=REPO_ROOT)
         self.wait_ready()
 
 

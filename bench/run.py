@@ -6,8 +6,9 @@ round, then measures idle-client memory, a connection storm and pooler CPU per t
 Prints a table and the target checks, writes bench/results/<stamp>.json, latest.json and
 latest.png.
 
-    python bench/run.py                  # full run (< 25 min)
-    python bench/run.py --quick          # smoke run (< 3 min)
+    python bench/run.py                  # full run: clear and --tls passes (~50 min)
+    python bench/run.py --rounds 2 --seconds 6   # the same, shorter (~30 min)
+    python bench/run.py --quick          # smoke run, clear only (~5 min)
     python bench/run.py --only simple,idle --clients 1,50 --seconds 5
 """
 
@@ -74,8 +75,15 @@ from procs import (  # noqa: E402
 )
 from workloads import WORKLOADS, Run, initialise, run_pgbench  # noqa: E402
 
-EXTRAS = ("idle", "storm", "floor")
+EXTRAS = ("idle", "storm", "floor", "startup")
 FD_LIMIT = 65536
+#: Passes of the full run: how the poolers (and direct clients) reach PostgreSQL.
+PASSES = {"clear": "disable", "tls": "require"}
+#: Workloads the floor (bench/floor.py) runs as a target: a 1:1 forwarder shows the floor
+#: under the poolers' -S figures; TPC-B's time is PostgreSQL's own.
+FLOOR_WORKLOADS = ("simple", "extended")
+#: Sidecar starts per variant for the start-up figure.
+STARTUP_ROUNDS = 5
 
 
 class Target(NamedTuple):
@@ -209,28 +217,59 @@ def settle_direct(pg: Postgres, most: int) -> None:
 
 
 class Bench:
-    """One benchmark session: the processes, the options and what has been measured."""
+    """One benchmark session: the processes, the options and what has been measured.
+
+    PostgreSQL runs for the whole session; the poolers run for one pass (start_pass), with
+    the pass's sslmode towards the server.
+    """
 
     def __init__(self, args: argparse.Namespace, base: Path) -> None:
         self.args = args
         self.base = base
-        self.sslmode = "require" if args.tls else "disable"
-        os_user = OsUser.for_servers()
-        self.pg = Postgres(base / "pg", os_user)
-        self.pgbouncer = PgBouncer(base / "pgbouncer", os_user)
-        self.sidecar = Sidecar(base / "sidecar", python_for_sidecar(), args.workers)
-        self.floor = Floor(base / "floor", python_for_sidecar())
-        #: The sidecar at another commit (--baseline), run beside this one; made by start().
-        self.baseline: Sidecar | None = None
+        self.os_user = OsUser.for_servers()
+        self.pg = Postgres(base / "pg", self.os_user)
         self.pgbench = self.pg.bin_dir / "pgbench"
         self.log_dir = base / "pgbench-logs"
         self.log_dir.mkdir()
+        self.baseline_tree = REPO_ROOT
+        if args.baseline:
+            self.baseline_tree = export_tree(
+                args.baseline, args.baseline_commit, base / "baseline-src"
+            )
+        self._make_poolers(args.passes[0], PASSES[args.passes[0]])
 
-    def targets(self) -> list[Target]:
-        """A B C, in this order in every round.
+    def _make_poolers(self, pass_name: str, sslmode: str) -> None:
+        a, base, python = self.args, self.base / pass_name, python_for_sidecar()
+        self.pass_name = pass_name
+        self.sslmode = sslmode
+        self.pgbouncer = PgBouncer(base / "pgbouncer", self.os_user)
+        # The checkout's compiled build, and the same checkout forced pure: each must say
+        # so in its at=listening line, or the run stops (a stale .so would run pure).
+        self.sidecar = Sidecar(base / "sidecar", python, a.workers, expect_build="compiled")
+        self.pure: Sidecar | None = None
+        if a.pure:
+            self.pure = Sidecar(
+                base / "sidecar-pure",
+                python,
+                a.workers,
+                name="sidecar-pure",
+                pure=True,
+                expect_build="python",
+            )
+        self.floor = Floor(base / "floor", python)
+        #: The sidecar at another commit (--baseline), run beside this one.
+        self.baseline: Sidecar | None = None
+        if a.baseline:
+            self.baseline = Sidecar(
+                base / "baseline", python, a.workers, root=self.baseline_tree, name="baseline"
+            )
+
+    def targets(self, workload: str = "simple") -> list[Target]:
+        """direct, pgbouncer, sidecar, sidecar-pure, floor, ..., in this order in every round.
 
         Clients reach the poolers in clear; direct clients use the sslmode the poolers use
-        towards the server, so each path has one TLS leg. With --client-tls, two more
+        towards the server, so each path has one TLS leg. The floor (a 1:1 forwarder, the
+        same TLS leg as the poolers) runs the -S workloads. With --client-tls, two more
         targets: the same two poolers with clients at sslmode=require (pgbench's PGSSLMODE),
         interleaved with the rest in every round, so the cost of client TLS comes from one run.
         """
@@ -239,6 +278,10 @@ class Bench:
             Target("pgbouncer", self.pgbouncer.port, self.pgbouncer, "disable"),
             Target("sidecar", self.sidecar.port, self.sidecar, "disable"),
         ]
+        if self.pure is not None:
+            targets.append(Target("sidecar-pure", self.pure.port, self.pure, "disable"))
+        if self.args.floor_target and workload in FLOOR_WORKLOADS:
+            targets.append(Target("floor", self.floor.port, self.floor, "disable"))
         if self.baseline is not None:
             targets.append(Target("baseline", self.baseline.port, self.baseline, "disable"))
         if self.args.client_tls:
@@ -263,17 +306,14 @@ class Bench:
         return None
 
     def start(self) -> None:
+        """PostgreSQL, for the whole session (the poolers: start_pass)."""
         a = self.args
         max_clients = max(a.clients, default=1)
-        if a.baseline:
-            tree = export_tree(a.baseline, a.baseline_commit, self.base / "baseline-src")
-            self.baseline = Sidecar(
-                self.base / "baseline", python_for_sidecar(), a.workers, root=tree, name="baseline"
-            )
         log(f"starting PostgreSQL in {self.pg.base}")
-        self.pg.start(max_connections=max(600, max_clients + 2 * a.pool_size + 50))
+        # direct and floor open one backend per client; each pooler its pool.
+        self.pg.start(max_connections=max(600, max_clients + 5 * a.pool_size + 50))
         log(f"pgbench -i -s {a.scale}")
-        initialise(self.pgbench, self.pg.port, a.scale, self.sslmode)
+        initialise(self.pgbench, self.pg.port, a.scale, "disable")
         with contextlib.suppress(BenchError):
             # Everything in shared_buffers from the start, so round 1 is not the cold one.
             self.pg.psql("CREATE EXTENSION IF NOT EXISTS pg_prewarm", DBNAME)
@@ -282,21 +322,43 @@ class Bench:
                 " WHERE c.relname LIKE 'pgbench%' AND c.relkind IN ('r', 'i')",
                 DBNAME,
             )
+
+    def start_pass(self, pass_name: str, sslmode: str) -> None:
+        """The poolers (and the floor) of one pass, towards PostgreSQL at `sslmode`."""
+        a = self.args
+        self._make_poolers(pass_name, sslmode)
         max_conn = max(20000, a.idle_clients + 1000)
         self.pgbouncer.start(self.pg, a.pool_size, max_conn, self.sslmode, a.client_tls)
-        self.sidecar.start(self.pg, a.pool_size, max_conn, self.sslmode)
-        if self.baseline is not None:
-            self.baseline.start(self.pg, a.pool_size, max_conn, self.sslmode)
+        for sidecar in (self.sidecar, self.pure, self.baseline):
+            if sidecar is not None:
+                sidecar.start(self.pg, a.pool_size, max_conn, self.sslmode)
+        self.floor.start(self.pg, self.sslmode)
         log(
-            f"pgbouncer {'.'.join(map(str, self.pgbouncer.version))} on :{self.pgbouncer.port},"
-            f" sidecar on :{self.sidecar.port}, PostgreSQL on :{self.pg.port};"
-            f" pooler->server sslmode={self.sslmode}"
+            f"pass {pass_name}: pooler->server sslmode={self.sslmode}; pgbouncer"
+            f" {'.'.join(map(str, self.pgbouncer.version))} on :{self.pgbouncer.port},"
+            f" sidecar (build={self.sidecar.build}) on :{self.sidecar.port}"
+            + (
+                f", sidecar-pure (build={self.pure.build}) on :{self.pure.port}"
+                if self.pure is not None
+                else ""
+            )
+            + f", floor on :{self.floor.port}, PostgreSQL on :{self.pg.port}"
             + (
                 f"; baseline sidecar ({a.baseline}) on :{self.baseline.port}"
                 if self.baseline is not None
                 else ""
             )
         )
+
+    def poolers(self) -> list[Pooler]:
+        out: list[Pooler | None] = [
+            self.sidecar, self.pure, self.pgbouncer, self.floor, self.baseline
+        ]  # fmt: skip
+        return [p for p in out if p is not None]
+
+    def stop_pass(self) -> None:
+        for pooler in self.poolers():
+            pooler.stop()
 
     def foreign_load(self) -> ForeignLoad:
         """Start watching what else uses the CPUs.
@@ -306,9 +368,7 @@ class Bench:
         return ForeignLoad({os.getpid(), self.pg.pid})
 
     def stop(self) -> None:
-        for pooler in (self.sidecar, self.pgbouncer, self.floor, self.baseline):
-            if pooler is not None:
-                pooler.stop()
+        self.stop_pass()
         self.pg.stop()
 
     def one_run(self, workload: str, clients: int, target: Target, secs: int) -> Run:
@@ -334,12 +394,16 @@ class Bench:
     def warm_up(self) -> None:
         clients = min(50, max(self.args.clients, default=1))
         secs = 1 if self.args.quick else 2
+        if self.sslmode != "disable":
+            # 50 poolers' TLS handshakes to PostgreSQL first: a 1 s run may end before its
+            # first transaction on a busy machine.
+            secs = 3
         if self.args.client_tls:
             # 50 TLS handshakes and SCRAM logins at once take pgbench itself over a second
             # on a small machine: too little of a 2 s run would be left for a tps figure.
             secs = 4
         log(f"warm-up: -S simple, {clients} clients, {secs} s per target (not recorded)")
-        for target in self.targets():
+        for target in self.targets("simple"):
             result = self.one_run("simple", clients, target, secs)
             if result.error:
                 raise BenchError(f"warm-up against {target.name} failed: {result.error}")
@@ -347,14 +411,14 @@ class Bench:
     def matrix(self) -> list[dict[str, Any]]:
         a = self.args
         cells: list[dict[str, Any]] = []
-        total = len(a.workloads) * len(a.clients) * a.rounds * len(self.targets())
+        total = sum(len(self.targets(w)) for w in a.workloads) * len(a.clients) * a.rounds
         done = 0
         started = time.monotonic()
         for workload in a.workloads:
             for clients in a.clients:
-                runs: dict[str, list[Run]] = {t.name: [] for t in self.targets()}
+                runs: dict[str, list[Run]] = {t.name: [] for t in self.targets(workload)}
                 for rnd in range(1, a.rounds + 1):
-                    for target in self.targets():
+                    for target in self.targets(workload):
                         done += 1
                         why_not = self.unsupported(workload, target)
                         if why_not:
@@ -365,7 +429,10 @@ class Bench:
                         elapsed = time.monotonic() - started
                         eta = elapsed / done * (total - done)
                         line = _run_line(workload, clients, rnd, target.name, result)
-                        log(f"[{done:>3}/{total}] {line}  (eta {eta / 60:.1f} min)")
+                        log(
+                            f"[{self.pass_name} {done:>3}/{total}] {line}"
+                            f"  (pass eta {eta / 60:.1f} min)"
+                        )
                 cells.append(report.cell_result(workload, clients, runs))
         return cells
 
@@ -448,33 +515,32 @@ class Bench:
         rounds) of PgBouncer, the sidecar and bench/floor.py, the floor for any pooler written
         in Python: which part of the gap is the kernel, Python itself, or the sidecar's work."""
         a = self.args
-        self.floor.start(self.pg)
-        poolers: list[Pooler] = [self.pgbouncer, self.sidecar, self.floor]
+        poolers: list[Pooler] = [self.pgbouncer, self.sidecar]
+        if self.pure is not None:
+            poolers.append(self.pure)
+        poolers.append(self.floor)
         runs: dict[str, list[tuple[float, float]]] = {p.name: [] for p in poolers}
         foreign: dict[str, list[float]] = {p.name: [] for p in poolers}
-        try:
-            for rnd in range(1, a.rounds + 1):
-                for pooler in poolers:
-                    user0, system0 = pooler_cpu_split(pooler.pid)
-                    watch = self.foreign_load()
-                    r = run_pgbench(
-                        self.pgbench, pooler.port, "simple", 50, a.seconds, "disable", self.log_dir
-                    )
-                    user1, system1 = pooler_cpu_split(pooler.pid)
-                    if r.error or not r.transactions:
-                        raise BenchError(f"cpu split through {pooler.name}: {r.error}")
-                    per = 10_000 / r.transactions
-                    user, system = (user1 - user0) * per, (system1 - system0) * per
-                    runs[pooler.name].append((user, system))
-                    foreign[pooler.name].append(round(watch.percent(), 1))
-                    log(
-                        f"cpu split round {rnd} {pooler.name}: user {user:.3f} s + system"
-                        f" {system:.3f} s per 10,000 transactions"
-                        f"{_other_load(foreign[pooler.name][-1])}"
-                    )
-                    settle(pooler)
-        finally:
-            self.floor.stop()
+        for rnd in range(1, a.rounds + 1):
+            for pooler in poolers:
+                user0, system0 = pooler_cpu_split(pooler.pid)
+                watch = self.foreign_load()
+                r = run_pgbench(
+                    self.pgbench, pooler.port, "simple", 50, a.seconds, "disable", self.log_dir
+                )
+                user1, system1 = pooler_cpu_split(pooler.pid)
+                if r.error or not r.transactions:
+                    raise BenchError(f"cpu split through {pooler.name}: {r.error}")
+                per = 10_000 / r.transactions
+                user, system = (user1 - user0) * per, (system1 - system0) * per
+                runs[pooler.name].append((user, system))
+                foreign[pooler.name].append(round(watch.percent(), 1))
+                log(
+                    f"cpu split round {rnd} {pooler.name}: user {user:.3f} s + system"
+                    f" {system:.3f} s per 10,000 transactions"
+                    f"{_other_load(foreign[pooler.name][-1])}"
+                )
+                settle(pooler)
         return {
             name: {
                 "user_s": round(statistics.median(u for u, _ in values), 3),
@@ -484,9 +550,98 @@ class Bench:
             for name, values in runs.items()
         }
 
+    def startup(self) -> dict[str, Any]:
+        """Seconds from spawning `python -m sidecar` to its port accepting, per variant,
+        interleaved over STARTUP_ROUNDS rounds: the compiled and the pure build with the
+        defaults (SIDECAR_CLIENT_TLS=allow: a certificate is made at start) and the compiled
+        build with client TLS off. Then one start per build under `-X importtime`: the
+        imports that take the most of it."""
+        python = python_for_sidecar()
+        variants: dict[str, dict[str, Any]] = {
+            "compiled": {"pure": False, "env": {}},
+            "pure": {"pure": True, "env": {}},
+            "compiled, client TLS off": {"pure": False, "env": {"SIDECAR_CLIENT_TLS": "off"}},
+        }
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        foreign: list[float] = []
+        n = 0
+        for rnd in range(1, STARTUP_ROUNDS + 1):
+            for name, v in variants.items():
+                n += 1
+                sidecar = Sidecar(
+                    self.base / "startup" / str(n),
+                    python,
+                    name="startup",
+                    pure=v["pure"],
+                    expect_build="python" if v["pure"] else "compiled",
+                    env=v["env"],
+                )
+                watch = self.foreign_load()
+                try:
+                    sidecar.start(self.pg, self.args.pool_size, 100, self.sslmode)
+                finally:
+                    sidecar.stop()
+                foreign.append(round(watch.percent(), 1))
+                assert sidecar.ready_s is not None
+                times[name].append(sidecar.ready_s)
+            log(
+                f"start-up round {rnd}: "
+                + ", ".join(f"{name} {t[-1] * 1000:.0f} ms" for name, t in times.items())
+                + _other_load(foreign[-1])
+            )
+        out: dict[str, Any] = {
+            name: {
+                "median_ms": round(statistics.median(t) * 1000, 1),
+                "max_ms": round(max(t) * 1000, 1),
+                "rounds_ms": [round(x * 1000, 1) for x in t],
+            }
+            for name, t in times.items()
+        }
+        if self.pgbouncer.ready_s is not None:
+            out["pgbouncer"] = {"once_ms": round(self.pgbouncer.ready_s * 1000, 1)}
+        out["foreign_cpu_pct"] = foreign
+        out["importtime"] = {
+            build: self._importtime(python, pure)
+            for build, pure in (("compiled", False), ("pure", True))
+        }
+        return out
+
+    def _importtime(self, python: str, pure: bool) -> list[dict[str, Any]]:
+        """The imports of one start (to accepting), under -X importtime: the top-level ones
+        (nested 0: including those a function makes at run time, as cryptography's) and
+        those sidecar.__main__ makes directly (nested 1), the largest first, in ms."""
+        sidecar = Sidecar(
+            self.base / "startup" / ("importtime-pure" if pure else "importtime"),
+            python,
+            name="startup",
+            pure=pure,
+            python_flags=("-X", "importtime"),
+        )
+        try:
+            sidecar.start(self.pg, self.args.pool_size, 100, self.sslmode)
+        finally:
+            sidecar.stop()
+        return parse_importtime(sidecar.log_tail(10_000_000))
+
     async def _one_login(self, pooler: Pooler) -> None:
         conn = await loadclient.Conn.login(HOST, pooler.port, USER, PASSWORD, DBNAME)
         conn.close()
+
+
+def parse_importtime(text: str, top: int = 10) -> list[dict[str, Any]]:
+    """`-X importtime` lines -> the `top` largest imports of nesting 0 and 1 (cumulative)."""
+    found: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        _, cumulative, name = line[len("import time:") :].split("|", 2)
+        nested = (len(name) - len(name.lstrip(" ")) - 1) // 2
+        if nested <= 1:
+            found.append(
+                {"module": name.strip(), "nested": nested, "ms": round(int(cumulative) / 1000, 1)}
+            )
+    found.sort(key=lambda x: -float(x["ms"]))
+    return found[:top]
 
 
 def _run_line(workload: str, clients: int, rnd: int, name: str, r: Run) -> str:
@@ -567,14 +722,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 3 s, 2 rounds, 1 and 50 clients"
     )
-    p.add_argument("--seconds", type=int, help="length of each pgbench run (default 10)")
+    p.add_argument("--seconds", type=int, help="length of each pgbench run (default 6)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per cell (default 3)")
     p.add_argument("--clients", type=_int_list, help="client counts (default 1,50,500)")
     p.add_argument(
         "--only",
         help=f"comma-separated subset of: {','.join(WORKLOADS)},{','.join(EXTRAS)} (default all)",
     )
-    p.add_argument("--tls", action="store_true", help="sslmode=require to PostgreSQL (all targets)")
+    p.add_argument(
+        "--passes",
+        help="comma-separated passes, each the whole table again with the poolers restarted:\n"
+        "clear (sslmode=disable to PostgreSQL), tls (sslmode=require). Default clear,tls\n"
+        "(--quick: clear)",
+    )
+    p.add_argument("--tls", action="store_true", help="the tls pass only (--passes tls)")
+    p.add_argument(
+        "--no-pure",
+        dest="pure",
+        action="store_false",
+        help="leave out the sidecar-pure target (the checkout with SIDECAR_PURE_PYTHON=1)",
+    )
+    p.add_argument(
+        "--no-floor",
+        dest="floor_target",
+        action="store_false",
+        help="leave out the floor target (bench/floor.py) of the -S workloads",
+    )
     p.add_argument(
         "--client-tls",
         action="store_true",
@@ -597,7 +770,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results directory")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
-    args.seconds = args.seconds or (3 if args.quick else 10)
+    args.seconds = args.seconds or (3 if args.quick else 6)
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.clients = args.clients or ([1, 50] if args.quick else [1, 50, 500])
     chosen = [x.strip() for x in (args.only or "").split(",") if x.strip()]
@@ -606,6 +779,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--only: unknown {', '.join(sorted(unknown))}")
     args.workloads = [w for w in WORKLOADS if not chosen or w in chosen]
     args.extras = [e for e in EXTRAS if not chosen or e in chosen]
+    if args.passes is None:
+        args.passes = "tls" if args.tls else "clear" if args.quick else "clear,tls"
+    elif args.tls:
+        p.error("--tls is --passes tls: give one of them")
+    args.passes = [x.strip() for x in args.passes.split(",") if x.strip()]
+    if (
+        not args.passes
+        or set(args.passes) - set(PASSES)
+        or len(set(args.passes)) < len(args.passes)
+    ):
+        p.error(f"--passes: a list of {', '.join(PASSES)}, each at most once")
     if args.rounds < 1 or args.seconds <= 0 or not all(c > 0 for c in args.clients):
         p.error("--rounds, --seconds and --clients must be positive")
     return args
@@ -627,7 +811,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     base = Path(tempfile.mkdtemp(prefix="scbench", dir="/tmp"))
     base.chmod(0o711)  # the postgres user must reach its own subdirectories
-    bench = Bench(args, base)
+    try:
+        bench = Bench(args, base)
+    except BenchError as exc:
+        log(f"benchmark failed: {exc}")
+        shutil.rmtree(base, ignore_errors=True)
+        return 1
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     cpus = os.cpu_count()
@@ -665,69 +854,87 @@ def main(argv: list[str] | None = None) -> int:
                 else None
             ),
             "scale": args.scale,
-            "server_sslmode": bench.sslmode,
+            "passes": {name: PASSES[name] for name in args.passes},
+            "sidecar_pure": args.pure,
+            "floor_target": args.floor_target,
             "client_tls": args.client_tls,
             "pgbench_threads": "min(clients, 4)",
             "fd_limit": fd_limit,
             "loadavg_start": load_start,
             "foreign_cpu_pct_at_start": round(busy, 1),
         }
-        cells: list[dict[str, Any]] = []
-        if args.workloads:
-            bench.warm_up()
-            cells = bench.matrix()
+        passes: list[dict[str, Any]] = []
         extras: dict[str, Any] = {}
-        if "idle" in args.extras:
-            extras["idle"] = bench.idle()
-        if "storm" in args.extras:
-            extras["storm"] = bench.storm()
-        if "floor" in args.extras:
-            if args.tls:
-                log("cpu split: skipped with --tls (bench/floor.py speaks to PostgreSQL in clear)")
-            else:
-                extras["cpu_split"] = bench.cpu_split()
-        simple50 = report.find_cell(cells, "simple", 50)
-        if simple50:
-            extras["cpu"] = {
-                name: simple50["targets"][name]["cpu_s_per_10k_tx"]
-                for name in ("pgbouncer", "sidecar", "baseline", "pgbouncer+tls", "sidecar+tls")
-                if name in simple50["targets"]
-            }
-        checks = report.check_targets(cells, extras)
+        for number, pass_name in enumerate(args.passes):
+            bench.start_pass(pass_name, PASSES[pass_name])
+            cells: list[dict[str, Any]] = []
+            if args.workloads:
+                bench.warm_up()
+                cells = bench.matrix()
+            passes.append({"name": pass_name, "server_sslmode": PASSES[pass_name], "cells": cells})
+            if number == 0:
+                # Memory, logins and start-up do not depend on the server leg's TLS: once.
+                if "idle" in args.extras:
+                    extras["idle"] = bench.idle()
+                if "storm" in args.extras:
+                    extras["storm"] = bench.storm()
+                if "floor" in args.extras:
+                    extras["cpu_split"] = bench.cpu_split()
+                if "startup" in args.extras:
+                    extras["startup"] = bench.startup()
+            bench.stop_pass()
+        for pass_result in passes:
+            simple50 = report.find_cell(pass_result["cells"], "simple", 50)
+            if simple50:
+                pass_result["cpu"] = {
+                    name: t["cpu_s_per_10k_tx"]
+                    for name, t in simple50["targets"].items()
+                    if name != "direct"
+                }
+        checks = report.check_targets(passes, extras)
         meta["duration_s"] = round(time.monotonic() - started, 1)
         meta["loadavg_end"] = loadavg()
-        results = {"meta": meta, "cells": cells, "extras": extras, "targets": checks}
+        results = {"meta": meta, "passes": passes, "extras": extras, "targets": checks}
         paths = report.write_json(results, args.out, stamp)
-        if chart and cells:
+        if chart and any(x["cells"] for x in passes):
             pngs = [args.out / f"{stamp}.png", args.out / "latest.png"]
-            report.render_chart(cells, meta, pngs)
+            report.render_chart(passes, meta, pngs)
             paths += pngs
         log("")
         log(
             f"pgbench -T {args.seconds:g}, {args.rounds} interleaved rounds, pool size"
             f" {args.pool_size}, scale {args.scale}, PostgreSQL {meta['postgres']},"
-            f" PgBouncer {meta['pgbouncer']}, server sslmode={bench.sslmode}"
+            f" PgBouncer {meta['pgbouncer']}"
             + (f", SIDECAR_WORKERS={args.workers}" if args.workers > 1 else "")
         )
-        if cells:
+        for pass_result in passes:
+            cells = pass_result["cells"]
+            if not cells:
+                continue
+            log(
+                f"\n=== pass {pass_result['name']}: poolers and direct clients to PostgreSQL at"
+                f" sslmode={pass_result['server_sslmode']} ==="
+            )
             log(report.table(cells) + "\n")
+            log(report.cpu_latency_table(cells) + "\n")
             if args.baseline:
                 log(report.baseline_text(cells, args.baseline) + "\n")
             if args.client_tls:
                 log(report.client_tls_text(cells) + "\n")
         if extras:
             log(report.extras_text(extras) + "\n")
-        log("Targets:")
+        log("Targets (issue #14; the compiled sidecar against PgBouncer, same run):")
         log(report.targets_text(checks) + "\n")
         log(machine_note(cpus))
-        if cells:
-            log(report.foreign_text(cells))
+        all_cells = [c for x in passes for c in x["cells"]]
+        if all_cells:
+            log(report.foreign_text(all_cells))
         log(f"Wrote {', '.join(str(p) for p in paths)} in {meta['duration_s'] / 60:.1f} min")
         return 0
     except BenchError as exc:
         log(f"benchmark failed: {exc}")
-        for pooler in (bench.sidecar, bench.pgbouncer, bench.baseline):
-            if pooler is not None and pooler.proc is not None:
+        for pooler in bench.poolers():
+            if pooler.proc is not None:
                 log(f"--- {pooler.name} log tail ---\n{pooler.log_tail()}")
         return 1
     finally:
