@@ -527,7 +527,7 @@ def render_chart(passes: list[dict[str, Any]], meta: dict[str, Any], paths: list
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             by_label.setdefault(label, handle)
-    fig.legend(list(by_label.values()), list(by_label), loc="upper right", ncol=5, fontsize=8)
+    fig.legend(list(by_label.values()), list(by_label), loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(
         f"pgbench median tps, pool {meta['pool_size']}, {meta['seconds']} s x "
         f"{meta['rounds']} interleaved rounds, {meta['cpus']} CPUs shared by all processes"
@@ -536,7 +536,8 @@ def render_chart(passes: list[dict[str, Any]], meta: dict[str, Any], paths: list
         x=0.01,
         ha="left",
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (4.0 * len(passes) + 0.6)))
+    height = 4.0 * len(passes) + 0.6
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.3 / height))
     for path in paths:
         fig.savefig(path, dpi=110)
     plt.close(fig)
