@@ -203,17 +203,6 @@ def _num(value: float | None, fmt: str = ",.0f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def _ms(value: float) -> str:
-    # Three significant-ish figures keep 0.035 and 1544.7 in the same column width.
-    return f"{value:.3f}" if value < 10 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
-
-
-def _lat(summary: dict[str, Any]) -> str:
-    if summary["avg_ms"] is None:
-        return "n/a"
-    return f"{_ms(summary['avg_ms'])}/{_ms(summary['p99_ms'])}"
-
-
 def _present(cells: list[dict[str, Any]]) -> list[str]:
     """The targets of ORDER that some cell has."""
     return [t for t in ORDER if any(t in c["targets"] for c in cells)]
