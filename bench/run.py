@@ -344,7 +344,8 @@ class Bench:
             )
             + f", floor on :{self.floor.port}, PostgreSQL on :{self.pg.port}"
             + (
-                f"; baseline sidecar ({a.baseline}) on :{self.baseline.port}"
+                f"; baseline sidecar ({a.baseline}, build={self.baseline.build})"
+                f" on :{self.baseline.port}"
                 if self.baseline is not None
                 else ""
             )
