@@ -11,25 +11,29 @@ do not verify the certificate (that is what `require` means in libpq); an app th
 The material is made once per sidecar: worker 0 makes or reads it, and the other workers get
 the PEM with the rest of their configuration (shell/workers.py), so every worker serves the
 same certificate.
+
+`cryptography` is never loaded into the sidecar itself: its Rust core holds about 11 MiB of
+RSS for the process's life (a fifth of the 10,000-idle-clients budget) for a certificate made
+once. A short-lived child Python makes it (generate_certificate), and the start-up line reads
+the certificate with the ssl module (describe).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import ipaddress
+import json
 import os
 import ssl
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..config import Settings
-
-#: Names the generated certificate is valid for: what a local app can connect to.
-LOCAL_NAMES = ("localhost",)
-LOCAL_IPS = ("127.0.0.1", "::1")
+from . import selfsigned
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +62,11 @@ class ClientTLS:
 
     def describe(self) -> dict[str, object]:
         """Fields for the start-up log line."""
-        from cryptography import x509
-
-        cert = x509.load_pem_x509_certificate(self.cert_pem)
+        subject, not_after = _subject_and_expiry(self.cert_pem)
         return {
             "cert": self.source,
-            "subject": cert.subject.rfc4514_string(),
-            "not_after": cert.not_valid_after_utc.date().isoformat(),
+            "subject": subject,
+            "not_after": not_after.isoformat(),
             "ms": round(self.cost * 1000, 1),
         }
 
@@ -86,40 +88,69 @@ def load_client_tls(settings: Settings) -> ClientTLS | None:
 
 
 def generate_certificate() -> tuple[bytes, bytes]:
-    """A self-signed P-256 certificate for the local names (EC: about a millisecond, where
-    an RSA key would take 50-500 ms of a dyno's start)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    """selfsigned.make_certificate() in a child Python (-I: nothing of the app's environment;
+    the script alone, not the sidecar package; our sys.path on its stdin, so it finds
+    cryptography where we would), so that cryptography is not loaded here; in this process
+    if the child cannot run."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", selfsigned.__file__],
+            input=json.dumps(sys.path).encode(),
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return selfsigned.make_certificate()
+    cert, marker, key = proc.stdout.partition(b"-----BEGIN PRIVATE KEY-----")
+    if not cert.startswith(b"-----BEGIN CERTIFICATE-----") or not marker:
+        return selfsigned.make_certificate()
+    return cert, marker + key
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pg-sidecar (localhost)")])
-    now = datetime.datetime.now(datetime.UTC)
-    san: list[x509.GeneralName] = [x509.DNSName(n) for n in LOCAL_NAMES]
-    san += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOCAL_IPS]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        # An hour back: a client whose clock is a little behind still accepts it.
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
+
+#: OpenSSL's long attribute names -> the short ones RFC 4514 (and cryptography) print.
+_RFC4514_NAMES = {
+    "commonName": "CN",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+
+
+def _rfc4514_value(value: str) -> str:
+    """RFC 4514 section 2.4's escaping of an attribute value."""
+    out = "".join("\\" + c if c in ',+"\\<>;' else c for c in value)
+    if out[:1] in ("#", " "):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def _subject_and_expiry(cert_pem: bytes) -> tuple[str, datetime.date]:
+    """The certificate's subject as RFC 4514 prints it (last RDN first) and its expiry date,
+    read by the ssl module (cryptography would stay loaded: see the module's docstring)."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:  # not CPython's ssl: the same fields from cryptography
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        return cert.subject.rfc4514_string(), cert.not_valid_after_utc.date()
+    with _pem_path(cert_pem) as path:
+        info = decode(path)
+    subject = ",".join(
+        "+".join(f"{_RFC4514_NAMES.get(k, k)}={_rfc4514_value(v)}" for k, v in rdn)
+        for rdn in reversed(info["subject"])
     )
-    return (
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
+    expiry = datetime.datetime.fromtimestamp(
+        ssl.cert_time_to_seconds(info["notAfter"]), datetime.UTC
     )
+    return subject, expiry.date()
 
 
 @contextlib.contextmanager
