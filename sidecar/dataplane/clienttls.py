@@ -89,12 +89,12 @@ def load_client_tls(settings: Settings) -> ClientTLS | None:
 
 def generate_certificate() -> tuple[bytes, bytes]:
     """selfsigned.make_certificate() in a child Python (-I: nothing of the app's environment;
-    the script alone, not the sidecar package; our sys.path on its stdin, so it finds
-    cryptography where we would), so that cryptography is not loaded here; in this process
-    if the child cannot run."""
+    -S: no site, our sys.path comes on its stdin, so it finds cryptography where we would
+    and starts sooner; the script alone, not the sidecar package), so that cryptography is
+    not loaded here; in this process if the child cannot run."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-I", selfsigned.__file__],
+            [sys.executable, "-I", "-S", selfsigned.__file__],
             input=json.dumps(sys.path).encode(),
             capture_output=True,
             timeout=60,

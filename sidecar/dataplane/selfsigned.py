@@ -1,6 +1,6 @@
 """The self-signed certificate clienttls.py serves by default, made without the sidecar package.
 
-clienttls.generate_certificate runs this file as a script in a child Python (`python -I
+clienttls.generate_certificate runs this file as a script in a child Python (`python -I -S
 selfsigned.py`, the parent's sys.path as JSON on stdin, the PEM certificate and key on
 stdout), so that cryptography, imported only here, is never loaded into the sidecar. It
 imports nothing of the sidecar, so the child starts in tens of milliseconds.
