@@ -149,14 +149,16 @@ def check_targets(passes: list[dict[str, Any]], extras: dict[str, Any]) -> list[
                 checks.append({"name": name, "value": None, "limit": "n/a", "pass": None})
                 continue
             added_sc, added_pgb = added["sidecar"], added["pgbouncer"]
+            # PgBouncer faster than direct (TPC-B's commits, a lucky round): noise decides,
+            # no verdict.
             ratio = added_sc / added_pgb if added_pgb > 0 else None
             checks.append(
                 {
                     "name": name,
                     "value": ratio,
-                    "limit": f"<= {ADDED_LATENCY_FACTOR:.1f} (sidecar +{added_sc * 1000:.0f} µs,"
-                    f" pgbouncer +{added_pgb * 1000:.0f} µs over direct)",
-                    "pass": added_sc <= ADDED_LATENCY_FACTOR * added_pgb,
+                    "limit": f"<= {ADDED_LATENCY_FACTOR:.1f} (sidecar {added_sc * 1000:+.0f} µs,"
+                    f" pgbouncer {added_pgb * 1000:+.0f} µs over direct)",
+                    "pass": None if ratio is None else ratio <= ADDED_LATENCY_FACTOR,
                 }
             )
     idle = extras.get("idle", {}).get("sidecar")
