@@ -8,7 +8,7 @@ latest.png.
 
     python bench/run.py                  # full run: clear and --tls passes (~50 min)
     python bench/run.py --rounds 2 --seconds 6   # the same, shorter (~30 min)
-    python bench/run.py --quick          # smoke run, clear only (~5 min)
+    python bench/run.py --quick          # smoke run, clear only (~7 min)
     python bench/run.py --only simple,idle --clients 1,50 --seconds 5
 """
 
