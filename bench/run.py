@@ -684,7 +684,27 @@ def export_tree(ref: str, commit: str, dest: Path) -> Path:
     archive.stdout.close()  # ours: git sees a broken pipe if tar stopped early
     if archive.wait() != 0 or untar.returncode != 0:
         raise BenchError(f"--baseline {ref}: could not export commit {commit} into {dest}")
+    build_in_place(dest)
     return dest
+
+
+def build_in_place(tree: Path) -> None:
+    """Compile the exported tree's hot path as this checkout's is (setup.py, with the .venv's
+    Cython from the dev extra), so the baseline runs the same build as `sidecar`: a compiled
+    HEAD against a pure baseline would measure the build, not the change. A commit from before
+    setup.py, or one that does not compile, runs pure (the pass's first line says which)."""
+    if not (tree / "setup.py").exists():
+        return
+    log(f"compiling the baseline's hot path in {tree}")
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0 or "build=compiled" not in proc.stderr:
+        log(f"WARNING: the baseline did not compile; it runs pure:\n{proc.stderr[-2000:]}")
 
 
 def git_describe() -> dict[str, Any]:
