@@ -6,6 +6,7 @@ import random
 from collections import Counter
 
 import pytest
+from instancesets import A, B, C, inst, make_set, state
 
 from sidecar.upstream.balancer import (
     BACKOFF_INITIAL,
@@ -18,25 +19,7 @@ from sidecar.upstream.balancer import (
     backoff,
 )
 
-A, B, C = "10.1.0.1", "10.1.0.2", "10.1.0.3"
 FORGET = 120.0
-
-
-def make_set(*addrs: str, now: float = 0.0) -> InstanceSet:
-    s = InstanceSet("followers.test", 5432)
-    s.seen(addrs, now, 1_700_000_000.0)
-    return s
-
-
-def inst(s: InstanceSet, addr: str) -> Instance:
-    found = s.get(addr)
-    assert found is not None
-    return found
-
-
-def state(i: Instance) -> InstanceState:
-    """i.state, read through a call so mypy does not narrow it across mutations."""
-    return i.state
 
 
 def open_on(s: InstanceSet, cap: int, now: float, rng: random.Random) -> Instance | None:

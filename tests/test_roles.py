@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from instancesets import A, B, C, inst, make_set, state
 
 from sidecar.config import ConfigError, PoolConfig, Settings, load_settings, parse_url
-from sidecar.upstream.balancer import Instance, InstanceSet, InstanceState
+from sidecar.upstream.balancer import InstanceSet, InstanceState
 from sidecar.upstream.roles import (
     ROLE_BACKOFF_MAX,
     Change,
@@ -20,24 +21,7 @@ from sidecar.upstream.roles import (
 )
 from sidecar.yamlconfig import apply_text
 
-A, B, C = "10.1.0.1", "10.1.0.2", "10.1.0.3"
 RNG = random.Random(0)
-
-
-def make_set(*addrs: str, now: float = 0.0, host: str = "db.test") -> InstanceSet:
-    s = InstanceSet(host, 5432)
-    s.seen(addrs, now, 1_700_000_000.0)
-    return s
-
-
-def inst(s: InstanceSet, addr: str) -> Instance:
-    found = s.get(addr)
-    assert found is not None
-    return found
-
-
-def state(i: Instance) -> InstanceState:
-    return i.state
 
 
 PRIMARY = (False, False)
