@@ -216,16 +216,7 @@ def run_sidecar(
     of the output in half.) With --hold, SIGTERM to us stops it the same way, at once, and the
     signal that ends a hold is no interruption: the status is then the sidecar's (the app's).
     """
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        bufsize=1,
-    )
+    proc = _start_sidecar(argv, env)
     assert proc.stdout is not None
     interrupts = 0
     held = False
@@ -505,15 +496,7 @@ def budget_demo(console: Console, args: argparse.Namespace) -> int:
             }
             env.update(settings, PYTHONUNBUFFERED="1")
             argv = [sys.executable, "-m", "sidecar", f"appdb={leader.url()}"]
-            proc = subprocess.Popen(
-                argv,
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-            )
+            proc = _start_sidecar(argv, env)
             stack.callback(_stop_process, proc)
 
             def relay() -> None:
@@ -585,6 +568,20 @@ def budget_demo(console: Console, args: argparse.Namespace) -> int:
 
 def _demo_dsn(port: int, dbname: str) -> str:
     return libpq_dsn("127.0.0.1", port, "app", None, dbname, "disable", {})
+
+
+def _start_sidecar(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """The sidecar as a child whose stdout and stderr we read together, line by line."""
+    return subprocess.Popen(
+        argv,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    )
 
 
 def _stop_process(proc: subprocess.Popen[str]) -> None:
