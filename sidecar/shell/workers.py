@@ -351,15 +351,25 @@ class Worker:
             if target != self.index:
                 self._spawn(self._send(target, data, "seen"))
 
+    async def _deliver(
+        self, target: int, data: bytes
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Write `data` to worker `target`'s control socket, within FORWARD_TIMEOUT; the caller
+        reads an answer if it wants one, and closes the writer."""
+        async with asyncio.timeout(FORWARD_TIMEOUT):
+            reader, writer = await asyncio.open_unix_connection(self.ctl_path(target))
+            try:
+                writer.write(data)
+                await writer.drain()
+            except BaseException:
+                writer.close()
+                raise
+        return reader, writer
+
     async def _send(self, target: int, data: bytes, what: str) -> None:
         try:
-            async with asyncio.timeout(FORWARD_TIMEOUT):
-                _reader, writer = await asyncio.open_unix_connection(self.ctl_path(target))
-                try:
-                    writer.write(data)
-                    await writer.drain()
-                finally:
-                    writer.close()
+            _reader, writer = await self._deliver(target, data)
+            writer.close()
         except (OSError, TimeoutError) as exc:
             if what != "seen":  # that worker is restarting; its own DNS answers will do
                 logger.warning(
@@ -386,11 +396,8 @@ class Worker:
 
     async def _ask(self, target: int, data: bytes) -> str:
         try:
-            async with asyncio.timeout(FORWARD_TIMEOUT):
-                reader, writer = await asyncio.open_unix_connection(self.ctl_path(target))
+            reader, writer = await self._deliver(target, data)
             try:
-                writer.write(data)
-                await writer.drain()
                 # No time limit: PAUSE completes when that worker's busy servers are back.
                 length, code = struct.unpack("!ii", await reader.readexactly(8))
                 if code != ADMIN_CODE or not 8 <= length <= _MAX_CONTROL_MESSAGE:
