@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import psycopg
@@ -411,7 +411,8 @@ def test_garbage_to_the_admin_console(proxy: ProxyProcess) -> None:
     assert_no_crash(proxy)
 
 
-def test_many_ssl_requests_in_one_packet(proxy: ProxyProcess) -> None:
+def answer_to_many_ssl_requests(proxy: ProxyProcess) -> bytes:
+    """What comes back, up to the close, for 3000 SSLRequests in one packet."""
     with PgWire.connect(proxy.host, proxy.port) as wire:
         wire.send(m.ssl_request() * 3000)
         wire.half_close()
@@ -419,6 +420,11 @@ def test_many_ssl_requests_in_one_packet(proxy: ProxyProcess) -> None:
         with pytest.raises(WireError):
             while True:
                 data += wire.recv_byte(10)
+    return data
+
+
+def test_many_ssl_requests_in_one_packet(proxy: ProxyProcess) -> None:
+    data = answer_to_many_ssl_requests(proxy)
     # PostgreSQL answers "S", then refuses what came before the handshake unencrypted
     # ("received unencrypted data after SSL request"): the proxy closes at once.
     assert data == b"S"
@@ -431,13 +437,7 @@ def test_many_ssl_requests_in_one_packet(proxy: ProxyProcess) -> None:
 
 def test_many_ssl_requests_in_one_packet_tls_off(proxy_factory: ProxyFactory) -> None:
     proxy = proxy_factory(SIDECAR_CLIENT_TLS="off")
-    with PgWire.connect(proxy.host, proxy.port) as wire:
-        wire.send(m.ssl_request() * 3000)
-        wire.half_close()
-        data = b""
-        with pytest.raises(WireError):
-            while True:
-                data += wire.recv_byte(10)
+    data = answer_to_many_ssl_requests(proxy)
     # PostgreSQL answers one SSLRequest; a second one is an unsupported protocol (0A000)
     assert data.startswith(b"N")
     assert b"0A000" in data or b"08P01" in data, data[:100]
@@ -580,12 +580,22 @@ def test_garbage_after_good_messages_leaves_the_server_in_step(
 ) -> None:
     # One chunk: good messages, then a broken length. The good part is never sent; the one
     # server must not carry bookkeeping for it to the next client, which prepares statements.
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE=1)
+    def misbehave(wire: PgWire) -> None:
+        wire.send(prefix + b"Q" + struct.pack("!i", -1))
+        assert fatal_codes(wire.until_closed(10)) == ["08P01"]
+
+    each_followed_by_a_good_client(proxy_factory(SIDECAR_DEFAULT_POOL_SIZE=1), misbehave)
+
+
+def each_followed_by_a_good_client(
+    proxy: ProxyProcess, misbehave: Callable[[PgWire], None]
+) -> None:
+    """Three clients in turn log in and `misbehave` on the proxy's one server, each followed by
+    a client that prepares statements there and must get its rows."""
     for _ in range(3):
         with PgWire.connect(proxy.host, proxy.port) as wire:
             assert not errors(wire.login("app", APP_PASSWORD, "appdb"))
-            wire.send(prefix + b"Q" + struct.pack("!i", -1))
-            assert fatal_codes(wire.until_closed(10)) == ["08P01"]
+            misbehave(wire)
         next_client_prepares_and_gets_its_rows(proxy)
     assert_no_crash(proxy)
 
@@ -616,13 +626,9 @@ def test_error_without_sync_then_leaving_leaves_the_server_in_step(
     # PostgreSQL answers the first message with an error and then skips everything up to a
     # Sync; the copy message after it changes nothing. A server left like that must not
     # serve the next client, whose queries it would silently skip.
-    proxy = proxy_factory(SIDECAR_DEFAULT_POOL_SIZE=1)
-    for _ in range(3):
-        with PgWire.connect(proxy.host, proxy.port) as wire:
-            assert not errors(wire.login("app", APP_PASSWORD, "appdb"))
-            wire.send(data)
-        next_client_prepares_and_gets_its_rows(proxy)
-    assert_no_crash(proxy)
+    each_followed_by_a_good_client(
+        proxy_factory(SIDECAR_DEFAULT_POOL_SIZE=1), lambda wire: wire.send(data)
+    )
 
 
 # --- client_login_timeout -----------------------------------------------------------------------
