@@ -5,7 +5,9 @@ cimport cython
 
 from .statements cimport ServerStatements
 
-cdef int _Z, _S, _E, _I, _A, _PARSE_COMPLETE, _CLOSE_COMPLETE, _COPY_IN_RESPONSE
+# The message types it compares with, imported from messages.py into C ints of this module.
+cdef int READY_FOR_QUERY, PARAMETER_STATUS, ERROR_RESPONSE, NOTIFICATION_RESPONSE
+cdef int PARSE_COMPLETE, CLOSE_COMPLETE, COPY_IN_RESPONSE, TX_IDLE
 cdef bytes _SLOW_PLAIN, _SLOW_EVERY, _IS_WHOLE
 cdef Py_ssize_t MAX_MESSAGE_LENGTH
 cdef bint _COMPILED

@@ -11,25 +11,28 @@ from __future__ import annotations
 import struct
 
 from .errors import ProtocolError
-from .messages import MAX_MESSAGE_LENGTH, message, parse_parameter_status
+from .messages import (
+    CLOSE_COMPLETE,
+    COPY_IN_RESPONSE,
+    ERROR_RESPONSE,
+    MAX_MESSAGE_LENGTH,
+    NOTIFICATION_RESPONSE,
+    PARAMETER_STATUS,
+    PARSE_COMPLETE,
+    READY_FOR_QUERY,
+    TX_IDLE,
+    message,
+    parse_parameter_status,
+)
 from .statements import Fix, ServerStatements, Special
 
 _unpack_i32 = struct.Struct("!i").unpack_from
 _pack_i32 = struct.Struct("!i").pack
 
-_Z = ord("Z")
-_S = ord("S")
-_E = ord("E")
-_I = ord("I")
-_PARSE_COMPLETE = ord("1")
-_CLOSE_COMPLETE = ord("3")
-_A = ord("A")
 # Read whole: ReadyForQuery, ParameterStatus, ErrorResponse, CopyInResponse,
 # NotificationResponse; and with statement fixups pending, ParseComplete and CloseComplete.
 _WHOLE_PLAIN = b"ZSEGA"
 _WHOLE = _WHOLE_PLAIN + b"13"
-_COPY_IN_RESPONSE = ord("G")
-PARSE_COMPLETE_MSG = b"1\x00\x00\x00\x04"
 # The sets above as tables indexed by the type byte (C arrays in the compiled build, see
 # backend.pxd): 1 for the types `feed` reads whole.
 _SLOW_PLAIN = bytes(1 if typ in _WHOLE_PLAIN else 0 for typ in range(256))
@@ -87,7 +90,7 @@ class Backend:
         self._batch_parses = 0
         self._batch_closes = 0
         #: Status byte of the last ReadyForQuery (I, T or E).
-        self.tx_status = _I
+        self.tx_status = TX_IDLE
         #: The server said CopyInResponse and has not finished that request yet.
         self.copy_in = False
         #: Everything handed out so far ends on a message boundary.
@@ -160,15 +163,15 @@ class Backend:
                 break
             if length < 4 or length > MAX_MESSAGE_LENGTH:
                 raise ProtocolError(f"invalid message length {_signed(length)} from server")
-            if typ == _Z:  # the one whole message of every answer: inline
+            if typ == READY_FOR_QUERY:  # the one whole message of every answer: inline
                 if end > n:
                     self._held = data[pos:]
                     break
-                status = buf[pos + 5] if length > 4 else _I
+                status = buf[pos + 5] if length > 4 else TX_IDLE
                 self.tx_status = status
                 self.copy_in = False
                 zs += 1
-                if status == _I:
+                if status == TX_IDLE:
                     xacts += 1
                 if ctx is not None:
                     if ctx.fixups:
@@ -187,7 +190,12 @@ class Backend:
                 if end > n:
                     self._held = data[pos:]
                     break
-                if typ == _E and zs and self.tx_status == _I and _is_fatal(data, pos, end):
+                if (
+                    typ == ERROR_RESPONSE
+                    and zs
+                    and self.tx_status == TX_IDLE
+                    and _is_fatal(data, pos, end)
+                ):
                     # Behind a ReadyForQuery I: the transaction is over, so maybe not an answer
                     # to anything the client waits for (the caller decides; `cut` keeps it).
                     # Behind T or E it is: the client's open transaction died with it.
@@ -234,20 +242,20 @@ class Backend:
     def _message(
         self, typ: int, data: bytes, pos: int, end: int, ctx: ServerStatements | None
     ) -> bytes | None:
-        if typ == _COPY_IN_RESPONSE:
+        if typ == COPY_IN_RESPONSE:
             self.copy_in = True
             return None
-        if typ == _A:
+        if typ == NOTIFICATION_RESPONSE:
             if end - pos >= 9 and self.client_pid and _unpack_i32(data, pos + 5)[0] == self.own_pid:
                 return data[pos : pos + 5] + _pack_i32(self.client_pid) + data[pos + 9 : end]
             return None
-        if typ == _S:
+        if typ == PARAMETER_STATUS:
             self.rare = True
             if self.params is None:
                 self.params = []
             self.params.append(parse_parameter_status(data[pos + 5 : end]))
             return None
-        if typ == _E:
+        if typ == ERROR_RESPONSE:
             self.rare = True
             self.errors += 1
             fatal = _is_fatal(data, pos, end)
@@ -264,11 +272,11 @@ class Backend:
         specials = self._current(ctx)
         if not specials:
             return None
-        if typ == _PARSE_COMPLETE:
+        if typ == PARSE_COMPLETE:
             ordinal = self._batch_parses
             self._batch_parses += 1
             for sp in specials:
-                if sp.kind == _PARSE_COMPLETE and sp.ordinal == ordinal:
+                if sp.kind == PARSE_COMPLETE and sp.ordinal == ordinal:
                     sp.confirmed = True
                     if sp.stmt is not None:
                         sp.stmt.confirmed = True
@@ -277,7 +285,7 @@ class Backend:
         ordinal = self._batch_closes
         self._batch_closes += 1
         for sp in specials:
-            if sp.kind == _CLOSE_COMPLETE and sp.ordinal == ordinal:
+            if sp.kind == CLOSE_COMPLETE and sp.ordinal == ordinal:
                 sp.confirmed = True
                 return b"" if sp.fix is Fix.SWALLOW else None
         return None

@@ -5,7 +5,10 @@ cimport cython
 
 from .statements cimport Registry, ServerStatements, Statement
 
-cdef int _P, _B, _D, _C, _Q, _S, _F, _X, _H, _EXECUTE, _NONE
+# The message types it compares with, imported from messages.py into C ints of this module.
+cdef int PARSE, BIND, DESCRIBE, CLOSE, QUERY, SYNC, TERMINATE, EXECUTE, TARGET_STATEMENT
+cdef int ERROR_RESPONSE, PARSE_COMPLETE, CLOSE_COMPLETE
+cdef int _NONE
 cdef int _K_USUAL, _K_INSPECT, _K_REQUEST, _K_COPY_WATCH, _K_COPY, _K_EXTENDED, _K_BIND_DESCRIBE
 cdef bytes _KINDS
 cdef Py_ssize_t MAX_MESSAGE_LENGTH

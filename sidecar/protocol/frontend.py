@@ -12,20 +12,27 @@ import re
 import struct
 
 from .errors import ProtocolError
-from .messages import MAX_MESSAGE_LENGTH, SYNC_MSG, message
+from .messages import (
+    BIND,
+    CLOSE,
+    CLOSE_COMPLETE,
+    DESCRIBE,
+    ERROR_RESPONSE,
+    EXECUTE,
+    MAX_MESSAGE_LENGTH,
+    PARSE,
+    PARSE_COMPLETE,
+    QUERY,
+    SYNC,
+    SYNC_MSG,
+    TARGET_STATEMENT,
+    TERMINATE,
+    message,
+)
 from .statements import Fix, Registry, ServerStatements, Special, Statement
 
 _unpack_i32 = struct.Struct("!i").unpack_from
 
-_P = ord("P")
-_B = ord("B")
-_D = ord("D")
-_C = ord("C")
-_Q = ord("Q")
-_S = ord("S")
-_F = ord("F")
-_X = ord("X")
-_H = ord("H")
 # Extended-protocol messages: after one of them, only a Sync brings the server back to a
 # state another client can use (an error makes it skip everything until Sync). A Query or
 # FunctionCall closes the batch too: it is answered only if the server was not skipping, and
@@ -37,7 +44,6 @@ _INSPECT = b"QPBDC"
 _BIND_DESCRIBE = b"BD"
 _REQUESTS = b"QSF"
 _COPY_WATCH = b"ESdcf"
-_EXECUTE = ord("E")
 # Every message type a logged-in client may send (PostgreSQL closes the session on others).
 _FRONTEND_TYPES = b"BCDEFHPQSXcdf"
 _USUAL = _FRONTEND_TYPES.replace(b"X", b"")  # all but Terminate
@@ -230,7 +236,7 @@ def local_prepare(data: bytes, registry: Registry) -> list[tuple[bytes, Statemen
     found: list[tuple[bytes, bytes, int]] = []
     pos = 0
     n = len(data)
-    while n - pos >= 5 and data[pos] == _P:
+    while n - pos >= 5 and data[pos] == PARSE:
         (length,) = _unpack_i32(data, pos + 1)
         end = pos + 1 + length
         if length < 4 or end > n:
@@ -363,7 +369,7 @@ class Frontend:
                 # One test on the fast path for three rare cases.
                 if length < 4 or length > MAX_MESSAGE_LENGTH:
                     raise ProtocolError(f"invalid message length {_signed(length)}")
-                if typ != _X:
+                if typ != TERMINATE:
                     raise ProtocolError(f"invalid frontend message type {typ}")
                 terminate = True
                 if out is not None:
@@ -379,7 +385,7 @@ class Frontend:
                 if end > n:
                     self._held = data[pos:]
                     break
-                if typ == _Q:  # most of them: no call at all when the text has no effect
+                if typ == QUERY:  # most of them: no call at all when the text has no effect
                     sql = data[pos + 5 : end - 1]
                     repl = None if _plain(sql) else self._query(sql, ctx)
                     requests += 1
@@ -412,10 +418,10 @@ class Frontend:
                 if ctx is not None:
                     self._request(ctx)
             if kind & _K_COPY_WATCH:
-                if typ == _EXECUTE:
+                if typ == EXECUTE:
                     exec_syncs = 0
                     after_exec = True
-                elif typ == _S:
+                elif typ == SYNC:
                     if after_exec:
                         exec_syncs += 1
                 elif exec_syncs:
@@ -426,7 +432,7 @@ class Frontend:
                         # server's word, CopyData is a stray message PostgreSQL ignores, and
                         # the Syncs count.
                         requests -= exec_syncs
-                        last = _EXECUTE  # the batch is open again
+                        last = EXECUTE  # the batch is open again
                         if ctx is not None:
                             self._unsync(ctx, exec_syncs)
                     exec_syncs = 0
@@ -470,7 +476,7 @@ class Frontend:
         registry: Registry | None,
     ) -> bytes | None:
         """Look at one whole message; return its replacement bytes, or None to send it as is."""
-        if typ == _P:
+        if typ == PARSE:
             nul = _nul(data, start, end)
             name = data[start:nul]
             text = data[nul + 1 : _nul(data, nul + 1, end)]
@@ -490,7 +496,7 @@ class Frontend:
                 ctx.batch_parses += 1
                 return None
             return self._parse(name, data[nul + 1 : end], flags, ctx, registry)
-        if typ == _B:
+        if typ == BIND:
             nul = _nul(data, start, end)  # end of the portal name
             nul2 = _nul(data, nul + 1, end)
             name = data[nul + 1 : nul2]
@@ -508,11 +514,16 @@ class Frontend:
                 self._ran(effects, ctx)
             return repl
         if ctx is None:
-            if typ == _C and end - start >= 2 and data[start] == _S and self._effects:
+            if (
+                typ == CLOSE
+                and end - start >= 2
+                and data[start] == TARGET_STATEMENT
+                and self._effects
+            ):
                 self._effects.pop(data[start + 1 : end - 1], None)
             return None
-        if typ == _D:
-            if end - start < 2 or data[start] != _S:
+        if typ == DESCRIBE:
+            if end - start < 2 or data[start] != TARGET_STATEMENT:
                 return None
             name = data[start + 1 : end - 1]
             stmt = self.statements.get(name) if name else None
@@ -526,7 +537,7 @@ class Frontend:
             return prefix + message(b"D", b"S" + stmt.name + b"\x00")
         # Close: a client's name means nothing to the server, where Close of an unknown name
         # succeeds, so forwarding it as is gives the client its CloseComplete in place.
-        if end - start >= 2 and data[start] == _S:
+        if end - start >= 2 and data[start] == TARGET_STATEMENT:
             self.statements.pop(data[start + 1 : end - 1], None)
             self._effects.pop(data[start + 1 : end - 1], None)
         ctx.batch_closes += 1
@@ -599,7 +610,7 @@ class Frontend:
             else:
                 prefix, used = self._miss(name, used, ctx, registry)
             ctx.open_specials.append(
-                Special(ord("E"), 0, Fix.RENAME, owner_name=name, tag=used.name)
+                Special(ERROR_RESPONSE, 0, Fix.RENAME, owner_name=name, tag=used.name)
             )
             ctx.batch_parses += 1
             return prefix + message(b"P", used.name + b"\x00" + rest)
@@ -610,7 +621,7 @@ class Frontend:
         # proxy sends on one pattern (a CloseComplete swallowed, on a rare path).
         evict = self._remember(stmt, ctx) + self._unprepare(stmt, ctx)
         ctx.open_specials.append(
-            Special(ord("1"), ctx.batch_parses, Fix.PASS, stmt, self.statements, name)
+            Special(PARSE_COMPLETE, ctx.batch_parses, Fix.PASS, stmt, self.statements, name)
         )
         ctx.batch_parses += 1
         return evict + stmt.parse_msg
@@ -632,7 +643,7 @@ class Frontend:
         if registry is not None:
             self.statements[name] = stmt = registry.newest(stmt)
         evict = self._remember(stmt, ctx) + self._unprepare(stmt, ctx)
-        ctx.open_specials.append(Special(ord("1"), ctx.batch_parses, Fix.SWALLOW, stmt))
+        ctx.open_specials.append(Special(PARSE_COMPLETE, ctx.batch_parses, Fix.SWALLOW, stmt))
         ctx.batch_parses += 1
         return evict + stmt.parse_msg, stmt
 
@@ -647,7 +658,7 @@ class Frontend:
         statement absent that the server still has (an eviction Close or a DISCARD ALL the
         server skipped after an error); Close of an absent name succeeds, so the Parse that
         follows never fails with 42P05."""
-        ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.SWALLOW))
+        ctx.open_specials.append(Special(CLOSE_COMPLETE, ctx.batch_closes, Fix.SWALLOW))
         ctx.batch_closes += 1
         return message(b"C", b"S" + stmt.name + b"\x00")
 
@@ -656,7 +667,7 @@ class Frontend:
         old = ctx.add(stmt)
         if old is None:
             return b""
-        ctx.open_specials.append(Special(ord("3"), ctx.batch_closes, Fix.SWALLOW))
+        ctx.open_specials.append(Special(CLOSE_COMPLETE, ctx.batch_closes, Fix.SWALLOW))
         ctx.batch_closes += 1
         return message(b"C", b"S" + old.name + b"\x00")
 

@@ -26,18 +26,35 @@ _I32 = struct.Struct("!i")
 _unpack_i32 = _I32.unpack_from
 _pack_i32 = _I32.pack
 
-# Message type bytes, as ints (what indexing bytes gives).
+# Message type bytes, as ints (what indexing bytes gives): the one table of them. The stream
+# walkers import theirs into C ints of their own (frontend.pxd, backend.pxd).
+# Server to client:
 AUTHENTICATION = ord("R")
 BACKEND_KEY_DATA = ord("K")
 PARAMETER_STATUS = ord("S")
 READY_FOR_QUERY = ord("Z")
 ERROR_RESPONSE = ord("E")
 NOTICE_RESPONSE = ord("N")
+NOTIFICATION_RESPONSE = ord("A")
+PARSE_COMPLETE = ord("1")
+CLOSE_COMPLETE = ord("3")
+COPY_IN_RESPONSE = ord("G")
+# Client to server:
 QUERY = ord("Q")
+PARSE = ord("P")
+BIND = ord("B")
+DESCRIBE = ord("D")
+EXECUTE = ord("E")
+CLOSE = ord("C")
+FLUSH = ord("H")
 SYNC = ord("S")
 FUNCTION_CALL = ord("F")
 TERMINATE = ord("X")
 PASSWORD_MESSAGE = ord("p")
+# The first body byte of Describe and Close: a prepared statement (b"P": a portal).
+TARGET_STATEMENT = ord("S")
+# ReadyForQuery's transaction status: idle (b"T": in a transaction block, b"E": failed one).
+TX_IDLE = ord("I")
 
 # Authentication request codes (the int32 after an 'R').
 AUTH_OK = 0

@@ -117,7 +117,8 @@ class Special:
         owner_name: bytes = b"",
         tag: bytes = b"",
     ) -> None:
-        self.kind = kind  # ord("1") for ParseComplete, ord("3") for CloseComplete, 0 for REPLACE
+        # PARSE_COMPLETE, CLOSE_COMPLETE or ERROR_RESPONSE (messages.py); 0 for REPLACE.
+        self.kind = kind
         self.ordinal = ordinal
         self.fix = fix
         self.stmt = stmt
