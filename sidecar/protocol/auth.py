@@ -203,6 +203,15 @@ def _decode_message(data: bytes, what: str) -> str:
     return text
 
 
+def _fields(data: bytes, what: str, least: int) -> tuple[str, list[str]]:
+    """The text of a SCRAM message and its comma-separated attributes, at least `least`."""
+    text = _decode_message(data, what)
+    parts = text.split(",")
+    if len(parts) < least:
+        raise AuthError(f"malformed SCRAM message: {what} too short")
+    return text, parts
+
+
 def _attr(part: str, name: str, what: str) -> str:
     """Return the value of `part` if it is the attribute `name=value`, else raise."""
     if not part.startswith(name + "="):
@@ -264,45 +273,55 @@ class ScramSecret:
         )
 
 
+class _State(enum.Enum):
+    """Where one side of a SCRAM exchange is: both sides handle a first and a final message
+    from the other."""
+
+    #: The client's only: client_first() not yet called.
+    INITIAL = enum.auto()
+    #: Waiting for the other side's first message (the server: client-first; the client:
+    #: server-first, having sent client-first).
+    WAIT_FIRST = enum.auto()
+    #: Answered the first message; waiting for the other side's final one.
+    WAIT_FINAL = enum.auto()
+    #: Final message handled: the server verified the proof, or the client the server's
+    #: signature (the server proved it knows the password).
+    DONE = enum.auto()
+    #: Something failed; the exchange cannot continue.
+    ERROR = enum.auto()
+
+
 class _Exchange:
     """One side of a SCRAM exchange as a state machine: each step runs only in the state it
-    expects, and any failure leaves the exchange in its ERROR state for good."""
+    expects, and any failure leaves the exchange in ERROR for good."""
 
     __slots__ = ("_state",)
-    #: The subclass's ERROR state.
-    _ERROR: ClassVar[enum.Enum]
-    #: The subclass's transitions: message handled -> (the state it is handled in, the next).
-    _STEPS: ClassVar[dict[str, tuple[enum.Enum, enum.Enum]]]
-    _state: enum.Enum
+    #: The subclass's messages: the first and the final one it handles, in that order.
+    _FIRST: ClassVar[str]
+    _FINAL: ClassVar[str]
+    _state: _State
 
     def _fail(self, message: str) -> AuthError:
-        self._state = self._ERROR
+        self._state = _State.ERROR
         return AuthError(message)
 
     def _step(self, message: str, step: Callable[[bytes], _R], data: bytes) -> _R:
-        """Handle `message` with `step(data)` if in the state _STEPS says (else it is out of
-        order), then move to the next; an AuthError from it moves to ERROR and propagates."""
-        expected, then = self._STEPS[message]
+        """Handle `message` (_FIRST or _FINAL) with `step(data)` if it comes in its turn (else
+        it is out of order), then move on; an AuthError from it moves to ERROR and propagates."""
+        expected, then = (
+            (_State.WAIT_FIRST, _State.WAIT_FINAL)
+            if message == self._FIRST
+            else (_State.WAIT_FINAL, _State.DONE)
+        )
         if self._state is not expected:
             raise self._fail(f"SCRAM {message} out of order")
         try:
             result = step(data)
         except AuthError:
-            self._state = self._ERROR
+            self._state = _State.ERROR
             raise
         self._state = then
         return result
-
-
-class _ServerState(enum.Enum):
-    #: Waiting for the SASLInitialResponse data.
-    WAIT_CLIENT_FIRST = enum.auto()
-    #: Sent server-first; waiting for the SASLResponse data.
-    WAIT_CLIENT_FINAL = enum.auto()
-    #: Proof verified and server-final produced.
-    DONE = enum.auto()
-    #: Something failed; the exchange cannot continue.
-    ERROR = enum.auto()
 
 
 class ScramServer(_Exchange):
@@ -311,11 +330,9 @@ class ScramServer(_Exchange):
     One instance per login attempt.
     """
 
-    _ERROR = _ServerState.ERROR
-    _STEPS: ClassVar[dict[str, tuple[enum.Enum, enum.Enum]]] = {
-        "client-first-message": (_ServerState.WAIT_CLIENT_FIRST, _ServerState.WAIT_CLIENT_FINAL),
-        "client-final-message": (_ServerState.WAIT_CLIENT_FINAL, _ServerState.DONE),
-    }
+    # In the SASLInitialResponse, then in the SASLResponse.
+    _FIRST = "client-first-message"
+    _FINAL = "client-final-message"
 
     __slots__ = (
         "_client_first_bare",
@@ -328,21 +345,18 @@ class ScramServer(_Exchange):
     def __init__(self, secret: ScramSecret, server_nonce: str | None = None) -> None:
         self._secret = secret
         self._nonce = _check_nonce_arg(server_nonce) if server_nonce is not None else _new_nonce()
-        self._state = _ServerState.WAIT_CLIENT_FIRST
+        self._state = _State.WAIT_FIRST
         self._gs2_header = ""
         self._client_first_bare = ""
         self._server_first = ""
 
     def handle_client_first(self, client_first: bytes) -> bytes:
         """Take the SASLInitialResponse data; return the server-first-message."""
-        return self._step("client-first-message", self._client_first, client_first)
+        return self._step(self._FIRST, self._client_first, client_first)
 
     def _client_first(self, data: bytes) -> bytes:
-        what = "client-first-message"
-        text = _decode_message(data, what)
-        parts = text.split(",")
-        if len(parts) < 4:
-            raise AuthError(f"malformed SCRAM message: {what} too short")
+        what = self._FIRST
+        text, parts = _fields(data, what, 4)
         cbind, authzid = parts[0], parts[1]
         if cbind.startswith("p="):
             raise AuthError("SCRAM channel binding requested but not supported")
@@ -373,14 +387,11 @@ class ScramServer(_Exchange):
 
     def handle_client_final(self, client_final: bytes) -> bytes:
         """Take the SASLResponse data; verify it and return the server-final-message."""
-        return self._step("client-final-message", self._client_final, client_final)
+        return self._step(self._FINAL, self._client_final, client_final)
 
     def _client_final(self, data: bytes) -> bytes:
-        what = "client-final-message"
-        text = _decode_message(data, what)
-        parts = text.split(",")
-        if len(parts) < 3:
-            raise AuthError(f"malformed SCRAM message: {what} too short")
+        what = self._FINAL
+        _text, parts = _fields(data, what, 3)
         cbind_data = _attr(parts[0], "c", what)
         nonce = _attr(parts[1], "r", what)
         _check_extensions(parts[2:-1], what)
@@ -406,19 +417,6 @@ class ScramServer(_Exchange):
         return b"v=" + _b64(server_signature).encode("ascii")
 
 
-class _ClientState(enum.Enum):
-    #: client_first() not yet called.
-    INITIAL = enum.auto()
-    #: Sent client-first; waiting for server-first.
-    WAIT_SERVER_FIRST = enum.auto()
-    #: Sent client-final; waiting for server-final.
-    WAIT_SERVER_FINAL = enum.auto()
-    #: Server signature verified; the server proved it knows the password.
-    DONE = enum.auto()
-    #: Something failed; the exchange cannot continue.
-    ERROR = enum.auto()
-
-
 class ScramClient(_Exchange):
     """Client side of SCRAM-SHA-256 (the proxy authenticating to an upstream PostgreSQL).
 
@@ -426,11 +424,8 @@ class ScramClient(_Exchange):
     has returned: that is what proves the server knows the password.
     """
 
-    _ERROR = _ClientState.ERROR
-    _STEPS: ClassVar[dict[str, tuple[enum.Enum, enum.Enum]]] = {
-        "server-first-message": (_ClientState.WAIT_SERVER_FIRST, _ClientState.WAIT_SERVER_FINAL),
-        "server-final-message": (_ClientState.WAIT_SERVER_FINAL, _ClientState.DONE),
-    }
+    _FIRST = "server-first-message"
+    _FINAL = "server-final-message"
 
     __slots__ = (
         "_auth_message",
@@ -445,7 +440,7 @@ class ScramClient(_Exchange):
         self._password = saslprep(password)
         self._nonce = _check_nonce_arg(client_nonce) if client_nonce is not None else _new_nonce()
         self._client_first_bare = f"n={_saslname_escape(user)},r={self._nonce}"
-        self._state = _ClientState.INITIAL
+        self._state = _State.INITIAL
         self._auth_message = b""
         self._server_key = b""
 
@@ -454,21 +449,18 @@ class ScramClient(_Exchange):
 
     def client_first(self) -> bytes:
         """Return the SASLInitialResponse data: gs2 header plus client-first-message-bare."""
-        if self._state is not _ClientState.INITIAL:
+        if self._state is not _State.INITIAL:
             raise self._fail("SCRAM client-first-message already sent")
-        self._state = _ClientState.WAIT_SERVER_FIRST
+        self._state = _State.WAIT_FIRST
         return ("n,," + self._client_first_bare).encode("utf-8")
 
     def handle_server_first(self, server_first: bytes) -> bytes:
         """Take the AuthenticationSASLContinue data; return the client-final-message."""
-        return self._step("server-first-message", self._server_first, server_first)
+        return self._step(self._FIRST, self._server_first, server_first)
 
     def _server_first(self, data: bytes) -> bytes:
-        what = "server-first-message"
-        text = _decode_message(data, what)
-        parts = text.split(",")
-        if len(parts) < 3:
-            raise AuthError(f"malformed SCRAM message: {what} too short")
+        what = self._FIRST
+        text, parts = _fields(data, what, 3)
         if parts[0].startswith("m="):
             raise AuthError("SCRAM mandatory extension is not supported")
         nonce = _printable(_attr(parts[0], "r", what), what)
@@ -500,12 +492,11 @@ class ScramClient(_Exchange):
 
     def verify_server_final(self, server_final: bytes) -> None:
         """Check the AuthenticationSASLFinal data; raise AuthError unless the server is genuine."""
-        self._step("server-final-message", self._server_final, server_final)
+        self._step(self._FINAL, self._server_final, server_final)
 
     def _server_final(self, data: bytes) -> None:
-        what = "server-final-message"
-        text = _decode_message(data, what)
-        parts = text.split(",")
+        what = self._FINAL
+        _text, parts = _fields(data, what, 1)
         _check_extensions(parts[1:], what)
         if parts[0].startswith("e="):
             reason = parts[0][2:]
