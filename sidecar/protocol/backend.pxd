@@ -3,6 +3,7 @@
 
 cimport cython
 
+from .messages cimport splice
 from .statements cimport ServerStatements
 
 # The message types it compares with, imported from messages.py into C ints of this module.

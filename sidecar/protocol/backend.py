@@ -23,6 +23,7 @@ from .messages import (
     TX_IDLE,
     message,
     parse_parameter_status,
+    splice,
 )
 from .statements import Fix, ServerStatements, Special
 
@@ -178,10 +179,7 @@ class Backend:
                         repl = self._ready(ctx)
                         if repl is not None:
                             # A stand-in's CommandComplete goes before the ReadyForQuery.
-                            if out is None:
-                                out = []
-                            out.append(data[copied:pos])
-                            out.append(repl)
+                            out = splice(out, data[copied:pos], repl)
                             copied = pos
                     else:
                         ctx.recv_z += 1
@@ -206,10 +204,7 @@ class Backend:
                     break
                 repl = self._message(typ, data, pos, end, ctx)
                 if repl is not None:
-                    if out is None:
-                        out = []
-                    out.append(data[copied:pos])
-                    out.append(repl)
+                    out = splice(out, data[copied:pos], repl)
                     copied = end
             elif ctx is not None and ctx.fixups and self._replacing(ctx):
                 # The stand-in empty query's own answer: the client never asked for it.

@@ -28,6 +28,7 @@ from .messages import (
     TARGET_STATEMENT,
     TERMINATE,
     message,
+    splice,
 )
 from .statements import Fix, Registry, ServerStatements, Special, Statement
 
@@ -402,10 +403,7 @@ class Frontend:
                 else:
                     repl = self._inspect(typ, data, pos + 5, end, ctx, registry)
                 if repl is not None:
-                    if out is None:
-                        out = []
-                    out.append(data[copied:pos])
-                    out.append(repl)
+                    out = splice(out, data[copied:pos], repl)
                     copied = end
                 if after_exec:
                     after_exec = False

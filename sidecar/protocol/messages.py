@@ -65,6 +65,17 @@ AUTH_SASL_CONTINUE = 11
 AUTH_SASL_FINAL = 12
 
 
+# The quotes: Cython 3.3 does not match the unquoted union with messages.pxd's `list out`.
+def splice(out: "list[bytes] | None", chunk: bytes, repl: bytes) -> list[bytes]:  # noqa: UP037
+    """How a stream walker rewrites a message in passing: `out` (a new list when None) gets
+    `chunk`, the bytes before the message, forwarded as they came, then `repl`."""
+    if out is None:
+        out = []
+    out.append(chunk)
+    out.append(repl)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Startup phase (untyped packets)
 
