@@ -1,7 +1,33 @@
-# Cython declarations for client.py (the compiled build, see setup.py): the types its
-# annotated locals name, so that the compiled hot path reads their fields as C members and
-# calls the walker's feed as a C method. ClientConn itself stays a Python class.
+# Cython declarations for client.py (the compiled build, see setup.py): ClientConn is an
+# extension type, each field a C struct member (and no per-client __dict__), and the
+# hand-over's methods are C calls. Every attribute of ClientConn must be declared here.
+#
+# client.pxd and server.pxd cimport each other: that works because neither module imports
+# the other at run time (what both need is in sockets.py), so either may be loaded first.
 
 from ..protocol.backend cimport Backend
 from ..protocol.frontend cimport Frontend
 from .counters cimport PoolStats
+from .server cimport ServerConn
+
+
+cdef class ClientConn:
+    # The per-transaction fields.
+    cdef public ServerConn server
+    cdef public Frontend frontend
+    cdef public object pool, state, write, transport, pins
+    cdef public list buffer
+    cdef public dict params
+    cdef public bint params_full, _paused
+    cdef public double last_active, wait_started, connected_at
+    # The rest: login, identity.
+    cdef public object proxy, user, database, addr, admin
+    cdef public object _startup, _negotiated, _reader, _scram, _md5_salt
+    cdef public bint tls, counted, _tcp, _handshaking, _sasl_started, _user_ok
+    cdef public dict startup_params
+    cdef public long long pid, secret
+
+    cpdef _forward(self, bytes data, double now=*)
+    cpdef _buffer(self, bytes data)
+    cpdef flush_to(self, ServerConn server, double now=*)
+    cpdef unlink(self, double now=*)

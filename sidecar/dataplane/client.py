@@ -29,7 +29,7 @@ from ..protocol.errors import (
 )
 from ..protocol.frontend import Frontend, local_prepare
 from .counters import PoolStats
-from .server import TLS_READ_BUFFER, set_nodelay
+from .sockets import TLS_READ_BUFFER, set_nodelay
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -138,8 +138,12 @@ def setting_name(name: str) -> str:
     return _CANONICAL_NAMES.get(low, low)
 
 
-class ClientConn(asyncio.Protocol):
-    """One app connection to the proxy."""
+class ClientConn:
+    """One app connection to the proxy: an asyncio protocol (data_received).
+
+    No asyncio base class: in the compiled build it is an extension type (client.pxd), which
+    cannot derive from one; event loops only call its methods (see server.as_protocol).
+    """
 
     # Slots: no per-instance dict (10,000 idle clients), faster attribute access.
     __slots__ = (
@@ -254,6 +258,9 @@ class ClientConn(asyncio.Protocol):
                 self.close(f"protocol violation: {exc}")
             else:
                 self.fail(exc.sqlstate, str(exc), reason=f"protocol violation: {exc}")
+
+    def eof_received(self) -> None:
+        return None  # the transport closes; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is not C_CLOSED:

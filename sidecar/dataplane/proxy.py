@@ -9,7 +9,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import STALE, build, log
 from ..config import PoolConfig, Settings
@@ -78,6 +78,10 @@ class Proxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.socket_path = ""
 
+    def _new_client(self) -> asyncio.Protocol:
+        # A protocol without asyncio's base class (an extension type in the compiled build).
+        return cast(asyncio.Protocol, ClientConn(self))
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -86,22 +90,20 @@ class Proxy:
         w = self.worker
         if w is None:
             tcp = await loop.create_server(
-                lambda: ClientConn(self), LISTEN_ADDR, s.port, reuse_address=True, backlog=4096
+                self._new_client, LISTEN_ADDR, s.port, reuse_address=True, backlog=4096
             )
         else:
-            tcp = await w.tcp_server(loop, lambda: ClientConn(self), s.port)
+            tcp = await w.tcp_server(loop, self._new_client, s.port)
         self._servers.append(tcp)
         unix: asyncio.Server | None = None
         if w is not None and w.unix_fd is not None:
-            unix = await w.unix_server(loop, lambda: ClientConn(self))
+            unix = await w.unix_server(loop, self._new_client)
             self._servers.append(unix)
         elif s.socket_dir:
             self.socket_path = os.path.join(s.socket_dir, f".s.PGSQL.{s.port}")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
-            unix = await loop.create_unix_server(
-                lambda: ClientConn(self), self.socket_path, backlog=4096
-            )
+            unix = await loop.create_unix_server(self._new_client, self.socket_path, backlog=4096)
             # Only this dyno's own user may talk to the pool.
             os.chmod(self.socket_path, 0o600)
             self._servers.append(unix)

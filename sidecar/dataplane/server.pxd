@@ -1,7 +1,29 @@
-# Cython declarations for server.py (the compiled build, see setup.py): the types its
-# annotated locals name, so that the compiled hot path reads their fields as C members.
-# ServerConn itself stays a Python class (uvloop's buffer protocol check needs one).
+# Cython declarations for server.py (the compiled build, see setup.py): ServerConn is an
+# extension type, each field a C struct member, so the hand-over (client -> server -> pool)
+# reads and writes them without a dict or descriptor lookup. Every attribute of ServerConn
+# must be declared here. TLSServerConn stays a Python subclass (uvloop's buffer protocol
+# check wants an asyncio.BufferedProtocol).
 
 from ..protocol.backend cimport Backend
 from ..protocol.statements cimport ServerStatements
+from .client cimport ClientConn
 from .counters cimport PoolStats
+
+
+cdef class ServerConn:
+    # The per-transaction fields.
+    cdef public ClientConn client
+    cdef public Backend backend
+    cdef public ServerStatements statements
+    cdef public PoolStats stats
+    cdef public object pool, state, write, transport
+    cdef public Py_ssize_t pending
+    cdef public double query_start, xact_start, last_used, linked_at, expires_at, created_at
+    cdef public bint dirty_tail, transaction_mode, paused, mid_message, out_of_step, fatal_seen
+    # The rest: connect, message mode, identity.
+    cdef public bint tls, _lost_called
+    cdef public dict params
+    cdef public long long pid, secret
+    cdef public object host, port, instance, close_reason, _inbuf, _waiter, _lost
+
+    cpdef bint _rare(self, Backend backend, ClientConn client)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
-import socket
 import ssl
 import struct
 import time
@@ -33,6 +32,7 @@ from ..protocol.frontend import Q_DISCARD
 from ..protocol.statements import ServerStatements
 from ..upstream.roles import ROLE_PARAMS
 from .counters import PoolStats
+from .sockets import TLS_READ_BUFFER, set_nodelay
 
 if TYPE_CHECKING:
     from ..upstream.balancer import Instance
@@ -87,17 +87,10 @@ class ServerError(Exception):
 _RETRYABLE_STATES = {TOO_MANY_CONNECTIONS, CANNOT_CONNECT_NOW, "57P01", "57P02", "08006"}
 
 
-def set_nodelay(transport: asyncio.BaseTransport, *, keepalive: bool = False) -> None:
-    """TCP_NODELAY (latency over batching); keepalive probes towards servers, so a peer that
-    vanished (failover, a dropped NAT entry) is noticed within about a minute."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if keepalive:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
-                if hasattr(socket, name):
-                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+def as_protocol(conn: object) -> asyncio.BaseProtocol:
+    """A ServerConn or ClientConn where asyncio's API wants a protocol: they are protocols
+    without asyncio's base classes (extension types in the compiled build)."""
+    return cast(asyncio.BaseProtocol, conn)
 
 
 def make_ssl_context(sslmode: str, ca_file: str | None) -> ssl.SSLContext | None:
@@ -115,11 +108,12 @@ def make_ssl_context(sslmode: str, ca_file: str | None) -> ssl.SSLContext | None
     return ctx
 
 
-class ServerConn(asyncio.BaseProtocol):
-    """One connection to an upstream PostgreSQL instance.
+class ServerConn:
+    """One connection to an upstream PostgreSQL instance: an asyncio protocol (data_received).
 
-    A BaseProtocol with data_received, not an asyncio.Protocol: uvloop takes the buffer
-    protocol only from a class that is not one (TLSServerConn below).
+    No asyncio base class: in the compiled build it is an extension type (server.pxd), which
+    cannot derive from one; event loops only call its methods. uvloop takes the buffer
+    protocol from an asyncio.BufferedProtocol only (TLSServerConn below).
     """
 
     # Slots: no per-instance dict (10,000 idle clients), faster attribute access.
@@ -292,6 +286,9 @@ class ServerConn(asyncio.BaseProtocol):
             return True
         return False
 
+    def eof_received(self) -> None:
+        return None  # the transport closes; connection_lost follows
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost_called = True
         self._lost = exc or ConnectionResetError("server closed the connection")
@@ -463,7 +460,7 @@ class ServerConn(asyncio.BaseProtocol):
             if answer == ord("S"):
                 try:
                     new = await loop.start_tls(
-                        transport, self, ssl_ctx, server_hostname=server_hostname
+                        transport, as_protocol(self), ssl_ctx, server_hostname=server_hostname
                     )
                 except (ssl.SSLError, ssl.CertificateError) as exc:
                     # verify_message says why a certificate was refused ("IP address
@@ -557,13 +554,6 @@ class ServerConn(asyncio.BaseProtocol):
         self.enter_data_mode()
 
 
-# Where TLS connections' decrypted bytes land, one buffer for all of them (servers' and, in
-# client.py, apps'): each read is copied out (into a bytes of its own size) before the next one
-# can start.
-_TLS_READ_SIZE = 256 * 1024
-TLS_READ_BUFFER = memoryview(bytearray(_TLS_READ_SIZE))
-
-
 class TLSServerConn(ServerConn, asyncio.BufferedProtocol):
     """A server connection that may go over TLS: reads through the buffer protocol.
 
@@ -592,9 +582,10 @@ async def open_server(pool: Pool, host: str, port: int, server_hostname: str) ->
         async with asyncio.timeout(settings.server_connect_timeout):
             try:
                 kind = ServerConn if pool.ssl_context is None else TLSServerConn
-                transport, proto = await loop.create_connection(
-                    lambda: kind(pool, host, port), host, port
+                transport, made = await loop.create_connection(
+                    lambda: as_protocol(kind(pool, host, port)), host, port
                 )
+                proto = cast(ServerConn, made)
             except OSError as exc:
                 raise ServerError(
                     SQLCLIENT_UNABLE_TO_ESTABLISH,
