@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from typing import Any
 
 import asyncpg
@@ -19,7 +18,7 @@ import psycopg
 import pytest
 from pgfixtures import PostgresServer, ProxyFactory, killable, poll_until
 
-from sidecar.dataplane.pool import Pool
+from sidecar.dataplane.pool import sync_sql
 
 POOL_SIZE = 5
 CLIENTS = 200
@@ -242,13 +241,12 @@ def test_link_sync_sql_skips_what_a_session_cannot_set() -> None:
     # Followers on different minor versions report different server_version: a link must
     # not try to SET it (PostgreSQL refuses), only the session's own settings.
     defaults = {"server_version": "15.18", "TimeZone": "UTC", "application_name": ""}
-    pool = types.SimpleNamespace(defaults=defaults)
     want = {**defaults, "application_name": "web"}
     have = {**defaults, "server_version": "15.19"}
-    sql = Pool._sync_sql(pool, want, have)  # type: ignore[arg-type]
+    sql = sync_sql(want, have, defaults)
     assert sql == "SELECT pg_catalog.set_config('application_name', 'web', false)"
-    assert Pool._sync_sql(pool, want, dict(want)) is None  # type: ignore[arg-type]
-    assert Pool._sync_sql(pool, defaults, have) is None  # type: ignore[arg-type]
+    assert sync_sql(want, dict(want), defaults) is None
+    assert sync_sql(defaults, have, defaults) is None
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,33 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def sync_sql(
+    want: dict[str, str], have: dict[str, str], defaults: dict[str, str] | None
+) -> str | None:
+    """SQL that makes the server's session settings the client's, or None if equal."""
+    if want == have:
+        return None
+    defaults = defaults or {}
+    sets: list[str] = []
+    resets: list[str] = []
+    for key in {*want, *have}:
+        if key in FIXED:
+            continue
+        default = defaults.get(key)
+        target = want.get(key, default)
+        current = have.get(key, default)
+        if target == current or (key not in defaults and key not in want and current is None):
+            continue
+        if target is None:
+            resets.append(f"RESET {_ident(key)}")
+        else:
+            sets.append(f"pg_catalog.set_config({_literal(key)}, {_literal(target)}, false)")
+    if not sets and not resets:
+        return None
+    parts = ([f"SELECT {', '.join(sets)}"] if sets else []) + resets
+    return "; ".join(parts)
+
+
 class Pool:
     """Servers for one pool name, and the clients waiting for them."""
 
@@ -475,7 +502,7 @@ class Pool:
             # The session's reset values are the client's startup settings, not the ones
             # the proxy's server connection started with: put them back.
             client.params.update(client.startup_params)
-            sql = self._sync_sql(client.params, server.params)
+            sql = sync_sql(client.params, server.params, self.defaults)
             if sql is not None:
                 try:
                     error, _rows = await server.query_internal(sql)
@@ -588,7 +615,7 @@ class Pool:
             client.params_full = True
         # Equal settings (the common case) in one C-level comparison, without a call.
         want, have = client.params, server.params
-        sql = None if want == have else self._sync_sql(want, have)
+        sql = None if want == have else sync_sql(want, have, self.defaults)
         delay = self.settings.server_check_delay
         if sql is None and delay >= 0 and now - server.last_used > delay:
             sql = self.settings.server_check_query  # "" is an empty query: one round trip
@@ -598,30 +625,6 @@ class Pool:
             # Client bytes stay buffered until the server's settings are the client's.
             client.state = C_SETUP
             self._spawn(self._sync_then_flush(client, server, sql))
-
-    def _sync_sql(self, want: dict[str, str], have: dict[str, str]) -> str | None:
-        """SQL that makes the server's session settings the client's, or None if equal."""
-        if want == have:
-            return None
-        defaults = self.defaults or {}
-        sets: list[str] = []
-        resets: list[str] = []
-        for key in {*want, *have}:
-            if key in FIXED:
-                continue
-            default = defaults.get(key)
-            target = want.get(key, default)
-            current = have.get(key, default)
-            if target == current or (key not in defaults and key not in want and current is None):
-                continue
-            if target is None:
-                resets.append(f"RESET {_ident(key)}")
-            else:
-                sets.append(f"pg_catalog.set_config({_literal(key)}, {_literal(target)}, false)")
-        if not sets and not resets:
-            return None
-        parts = ([f"SELECT {', '.join(sets)}"] if sets else []) + resets
-        return "; ".join(parts)
 
     async def _sync_then_flush(self, client: ClientConn, server: ServerConn, sql: str) -> None:
         try:

@@ -4,6 +4,8 @@
 # must be declared here. TLSServerConn stays a Python subclass (uvloop's buffer protocol
 # check wants an asyncio.BufferedProtocol).
 
+cimport cython
+
 from ..protocol.backend cimport Backend
 from ..protocol.statements cimport ServerStatements
 from .client cimport ClientConn
@@ -26,4 +28,7 @@ cdef class ServerConn:
     cdef public long long pid, secret
     cdef public object host, port, instance, close_reason, _inbuf, _waiter, _lost
 
+    # uvloop calls the Python entry; enter_data_mode and TLSServerConn call it in C.
+    @cython.locals(backend=Backend, st=PoolStats, client=ClientConn, zs=Py_ssize_t, now=double)
+    cpdef data_received(self, bytes data)
     cpdef bint _rare(self, Backend backend, ClientConn client)
