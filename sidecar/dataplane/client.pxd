@@ -12,19 +12,19 @@ from .server cimport ServerConn
 
 
 cdef class ClientConn:
-    # The per-transaction fields.
+    # Per transaction: the linked server, the walker, the bytes held while waiting.
     cdef public ServerConn server
     cdef public Frontend frontend
-    cdef public object pool, state, write, transport, pins
     cdef public list buffer
-    cdef public dict params
-    cdef public bint params_full, _paused
+    cdef public dict params, startup_params
+    cdef public object pool, state, write, transport, pins
+    # Clocks and flags.
     cdef public double last_active, wait_started, connected_at
-    # The rest: login, identity.
+    cdef public bint params_full, _paused, tls, counted, _tcp, _handshaking, _sasl_started
+    cdef public bint _user_ok
+    # Login and identity.
     cdef public object proxy, user, database, addr, admin
     cdef public object _startup, _negotiated, _reader, _scram, _md5_salt
-    cdef public bint tls, counted, _tcp, _handshaking, _sasl_started, _user_ok
-    cdef public dict startup_params
     cdef public long long pid, secret
 
     cpdef _forward(self, bytes data, double now=*)

@@ -191,9 +191,7 @@ class ClientConn:
         self.state = C_STARTUP
         self.pool: Pool | None = None
         self.server: ServerConn | None = None
-        self.user = ""
-        self.database = ""
-        self.addr = ""
+        self.user = self.database = self.addr = ""
         #: Came in over TCP (TLS is offered there; PostgreSQL refuses it on a Unix socket).
         self._tcp = False
         #: The connection is encrypted (after an SSLRequest answered "S" and a handshake).
@@ -206,8 +204,7 @@ class ClientConn:
         self.params_full = False
         #: The settings of its startup packet: what RESET ALL / DISCARD ALL go back to.
         self.startup_params: dict[str, str] = {}
-        self.pid = 0
-        self.secret = 0
+        self.pid = self.secret = 0
         self.frontend = Frontend(inspect=False)
         self._startup: m.StartupReader | None = m.StartupReader()
         # SSLRequest / GSSENCRequest seen (a tuple: a set costs 216 bytes per client).
@@ -215,16 +212,14 @@ class ClientConn:
         self._reader: m.MessageReader | None = None
         self._scram: ScramServer | None = None
         self._md5_salt = b""
-        self._sasl_started = False
-        self._user_ok = False
+        self._sasl_started = self._user_ok = False
         self.buffer: list[bytes] = []
         #: Why this client keeps its server past transactions (transaction mode), if it does.
         self.pins: frozenset[str] = NO_PINS
         self.wait_started = 0.0
         self.last_active = time.monotonic()
         self.connected_at = self.last_active
-        self._paused = False
-        self.counted = False
+        self._paused = self.counted = False
         self.admin: ConsoleSession | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------

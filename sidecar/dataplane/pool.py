@@ -71,13 +71,7 @@ _E = ord("E")
 # version upgrade rolling through a follower pool) and are never synced. (is_superuser
 # follows session_authorization, which is synced: SET SESSION AUTHORIZATION must not leak.)
 FIXED = frozenset(
-    (
-        "server_version",
-        "server_encoding",
-        "integer_datetimes",
-        "is_superuser",
-        "in_hot_standby",
-    )
+    ["server_version", "server_encoding", "integer_datetimes", "is_superuser", "in_hot_standby"]
 )
 
 
@@ -676,19 +670,8 @@ class Pool:
     def close_server(self, server: ServerConn, reason: str) -> None:
         if server.state is S_CLOSED:
             return
-        self._move(server, S_CLOSED)
-        server.close_reason = reason
-        client = server.client
-        server.client = None
+        client = self._closed(server, reason, "server_close")
         server.close_transport()
-        logger.info(
-            "server_close",
-            pool=self.name,
-            server=f"{server.host}:{server.port}",
-            backend_pid=server.pid,
-            reason=reason,
-        )
-        client = self._requeue(client, server, reason)
         if client is not None:
             client.server = None
             client.fail(
@@ -697,6 +680,19 @@ class Pool:
                 reason=f"server closed: {reason}",
             )
         self._fill()
+
+    def _closed(self, server: ServerConn, reason: str, event: str) -> ClientConn | None:
+        """Out of every list for good, logged with its reason (`event`: server_close when the
+        proxy closes it, server_lost at warning level when it went away under us). Returns
+        its client if that one must be told (see _requeue)."""
+        client = server.client
+        server.client = None
+        self._move(server, S_CLOSED)
+        server.close_reason = reason
+        log_at = logger.warning if event == "server_lost" else logger.info
+        where = f"{server.host}:{server.port}"
+        log_at(event, pool=self.name, server=where, backend_pid=server.pid, reason=reason)
+        return self._requeue(client, server, reason)
 
     def _requeue(
         self, client: ClientConn | None, server: ServerConn, reason: str
@@ -725,18 +721,7 @@ class Pool:
         """The server's transport closed under us (crash, terminate, network)."""
         if server.state is S_CLOSED:
             return
-        client = server.client
-        server.client = None
-        self._move(server, S_CLOSED)
-        server.close_reason = reason
-        client = self._requeue(client, server, reason)
-        logger.warning(
-            "server_lost",
-            pool=self.name,
-            server=f"{server.host}:{server.port}",
-            backend_pid=server.pid,
-            reason=reason,
-        )
+        client = self._closed(server, reason, "server_lost")
         if client is not None:
             client.server = None
             if server.fatal_seen:
@@ -1245,28 +1230,20 @@ class Pool:
             )
             if inst.state is not InstanceState.WRONG_ROLE:
                 return
+        role = r.role_name(inst.hot_standby, inst.read_only)
+        about = {"pool": self.name, "instance": inst.addr, "role": role, "source": source}
         if inst.state is InstanceState.WRONG_ROLE:
             logger.warning(
                 "instance_wrong_role",
-                pool=self.name,
-                instance=inst.addr,
-                role=r.role_name(inst.hot_standby, inst.read_only),
+                **about,
                 target=self.roles.target,
                 servers=inst.servers,
-                source=source,
                 retry_in_s=round(max(inst.recheck_at - time.monotonic(), 0.0), 1),
             )
             if self.roles.none_match(self.instances):
                 self.discovery.request_refresh()
         else:
-            logger.info(
-                "instance_role_ok",
-                pool=self.name,
-                instance=inst.addr,
-                role=r.role_name(inst.hot_standby, inst.read_only),
-                target=self.roles.target,
-                source=source,
-            )
+            logger.info("instance_role_ok", **about, target=self.roles.target)
         self._follow_dns()
         self._instances_changed()
 

@@ -13,20 +13,21 @@ from .counters cimport PoolStats
 
 
 cdef class ServerConn:
-    # The per-transaction fields.
+    # The linked client and what the hot path reads or counts per transaction.
     cdef public ClientConn client
     cdef public Backend backend
     cdef public ServerStatements statements
     cdef public PoolStats stats
-    cdef public object pool, state, write, transport
     cdef public Py_ssize_t pending
+    # Clocks and flags (C doubles and ints).
     cdef public double query_start, xact_start, last_used, linked_at, expires_at, created_at
     cdef public bint dirty_tail, transaction_mode, paused, mid_message, out_of_step, fatal_seen
-    # The rest: connect, message mode, identity.
     cdef public bint tls, _lost_called
+    # Python objects: the pool, the state member, the transport, identity, message mode.
+    cdef public object pool, state, write, transport, host, port, instance, close_reason
+    cdef public object _inbuf, _waiter, _lost
     cdef public dict params
     cdef public long long pid, secret
-    cdef public object host, port, instance, close_reason, _inbuf, _waiter, _lost
 
     # uvloop calls the Python entry; enter_data_mode and TLSServerConn call it in C.
     @cython.locals(backend=Backend, st=PoolStats, client=ClientConn, zs=Py_ssize_t, now=double)
