@@ -29,7 +29,7 @@ from ..protocol.errors import (
 )
 from ..protocol.frontend import Frontend, local_prepare
 from .counters import PoolStats
-from .sockets import TLS_READ_BUFFER, set_nodelay
+from .sockets import TLS_READ_BUFFER, follow, set_nodelay
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -268,13 +268,10 @@ class ClientConn:
                 self._gone(_CLIENT_CLOSED)
 
     def pause_writing(self) -> None:
-        # The client reads slower than the server sends: stop reading the server (bounded memory).
-        if self.server is not None:
-            self.server.pause_reading()
+        follow(self.server, writable=False)  # the client reads slower than the server sends
 
     def resume_writing(self) -> None:
-        if self.server is not None:
-            self.server.resume_reading()
+        follow(self.server, writable=True)
 
     # -- data phase ----------------------------------------------------------------------------
 

@@ -13,6 +13,11 @@ from .counters cimport PoolStats
 
 
 cdef class ServerConn:
+    # uvloop calls the Python entry; enter_data_mode and TLSServerConn call it in C.
+    @cython.locals(backend=Backend, st=PoolStats, client=ClientConn, zs=Py_ssize_t, now=double)
+    cpdef data_received(self, bytes data)
+    cpdef bint _rare(self, Backend backend, ClientConn client)
+
     # The linked client and what the hot path reads or counts per transaction.
     cdef public ClientConn client
     cdef public Backend backend
@@ -28,8 +33,3 @@ cdef class ServerConn:
     cdef public object _inbuf, _waiter, _lost
     cdef public dict params
     cdef public long long pid, secret
-
-    # uvloop calls the Python entry; enter_data_mode and TLSServerConn call it in C.
-    @cython.locals(backend=Backend, st=PoolStats, client=ClientConn, zs=Py_ssize_t, now=double)
-    cpdef data_received(self, bytes data)
-    cpdef bint _rare(self, Backend backend, ClientConn client)

@@ -32,7 +32,7 @@ from ..protocol.frontend import Q_DISCARD
 from ..protocol.statements import ServerStatements
 from ..upstream.roles import ROLE_PARAMS
 from .counters import PoolStats
-from .sockets import TLS_READ_BUFFER, set_nodelay
+from .sockets import TLS_READ_BUFFER, follow, set_nodelay
 
 if TYPE_CHECKING:
     from ..upstream.balancer import Instance
@@ -301,13 +301,10 @@ class ServerConn:
             self.pool.server_lost(self, reason)
 
     def pause_writing(self) -> None:
-        # The server reads slower than the client sends (big COPY): stop reading the client.
-        if self.client is not None:
-            self.client.pause_reading()
+        follow(self.client, writable=False)  # the server reads slower than the client sends
 
     def resume_writing(self) -> None:
-        if self.client is not None:
-            self.client.resume_reading()
+        follow(self.client, writable=True)
 
     @property
     def tx_status(self) -> int:

@@ -9,6 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Protocol
+
+
+class Reader(Protocol):
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def follow(peer: Reader | None, *, writable: bool) -> None:
+    """Flow control across the proxy: the peer's reading follows this side's writability, so
+    a side slower than the other (a big result, a big COPY) keeps memory bounded."""
+    if peer is None:
+        return
+    if writable:
+        peer.resume_reading()
+    else:
+        peer.pause_reading()
 
 
 def set_nodelay(transport: asyncio.BaseTransport, *, keepalive: bool = False) -> None:
