@@ -28,6 +28,8 @@ from sidecar.protocol.frontend import (
     Q_SET,
     Q_TEMP,
     Frontend,
+    _plain_lowered,
+    _plain_scan,
     classify,
     classify_fully,
     deallocate_target,
@@ -627,6 +629,25 @@ def test_classify_nothing(sql: str) -> None:
 )
 def test_classify_session_state(sql: str, flags: int) -> None:
     assert classify(sql.encode()) == (flags, [])
+
+
+# Pieces of query texts that _plain looks at: its words in any case, cut short, at the end,
+# the first-word prefixes, semicolons and blanks.
+_PLAIN_PIECES = [
+    "select", "SELECT", "Select", "set", "RESET", "listen", "prepare", "discard", "Declare",
+    "advisory", "ADVISORY", "advisor", "set_config", "SET_CONFIG", "set_confi", "temp", "TEMP",
+    "tem", "pg_advisory_lock(", "x", "1", "insert", "with", ";", ";;", " ", "\t", "\n", "\r",
+    "/* c */", "-- c\n", "'a'", "\xc9", "\x00",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PLAIN_PIECES), max_size=12))
+def test_plain_scan_agrees_with_the_lowered_scans(pieces: list[str]) -> None:
+    # The compiled build's one-pass scan and the pure build's scans of a lowered copy: the
+    # same answer for every text (each build runs one of them in classify).
+    sql = "".join(pieces).encode("latin-1")
+    assert _plain_scan(sql) == _plain_lowered(sql), sql
 
 
 def test_frontend_notes_effects_of_queries_and_parses() -> None:

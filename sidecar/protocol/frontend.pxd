@@ -16,6 +16,12 @@ cdef Py_ssize_t MAX_MESSAGE_LENGTH
 cdef bint _COMPILED
 
 cpdef bint _plain(bytes sql)
+cpdef bint _plain_lowered(bytes sql)
+@cython.locals(
+    buf="const unsigned char*", w="const unsigned char*", n=Py_ssize_t, i=Py_ssize_t,
+    k=Py_ssize_t, m=Py_ssize_t, c=int, semi=Py_ssize_t, select=bint,
+)
+cpdef bint _plain_scan(bytes sql)
 
 
 cdef class Frontend:
