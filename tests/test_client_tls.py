@@ -159,6 +159,21 @@ def test_generated_certificate(proxy: ProxyProcess) -> None:
     assert "mode=allow" in line and "cert=generated" in line and " ms=" in line, line
 
 
+def test_certificate_is_made_after_listening_and_first_tls_client_waits(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The generated certificate is not part of the time to ready: the proxy accepts first,
+    and an app's SSLRequest that comes before the certificate waits for it."""
+    proxy = proxy_factory()  # returns as soon as the port accepts
+    with psycopg.connect(proxy.dsn(sslmode="require"), connect_timeout=20) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select 1").fetchone() == (1,)
+    lines = proxy.log_text().splitlines()
+    listening = next(i for i, x in enumerate(lines) if "at=listening " in x)
+    made = next(i for i, x in enumerate(lines) if "at=client_tls " in x)
+    assert listening < made, lines
+
+
 def test_gssencrequest_still_refused(proxy: ProxyProcess) -> None:
     with socket.create_connection((proxy.host, proxy.port), 10) as sock:
         sock.sendall(struct.pack("!ii", 8, m.GSSENC_REQUEST_CODE))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import secrets
-import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
@@ -390,7 +389,7 @@ class ClientConn:
                     "0A000",
                 )
             self._negotiated += (kind,)
-            if kind is m.SSLRequest and self._tcp and self.proxy.client_tls_ctx is not None:
+            if kind is m.SSLRequest and self._tcp and self.proxy.client_tls_on:
                 self.write(b"S")
                 if data:
                     # Bytes sent before the handshake were not encrypted: PostgreSQL refuses
@@ -398,7 +397,7 @@ class ClientConn:
                     self.close("received unencrypted data after SSL request")
                     return
                 self._handshaking = True
-                self.proxy.spawn(self._start_tls(self.proxy.client_tls_ctx))
+                self.proxy.spawn(self._start_tls())
                 return
             # GSSAPI, TLS turned off, or a Unix socket (PostgreSQL answers "N" there too;
             # libpq does not even ask): the client goes on in clear, or gives up.
@@ -413,10 +412,22 @@ class ClientConn:
         if rest and self.state is C_AUTH:
             self._auth_data(rest)
 
-    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+    async def _start_tls(self) -> None:
         """The TLS handshake after an "S"; then the startup packet comes encrypted."""
         transport = self.transport
-        assert transport is not None
+        ctx = self.proxy.client_tls_ctx
+        if ctx is None and transport is not None:
+            # Right after start, the generated certificate may still be in the making: the
+            # ClientHello waits in the kernel (start_tls resumes reading), not in the parser
+            # of startup packets.
+            transport.pause_reading()
+            ctx = await self.proxy.client_tls_context()
+            transport = self.transport
+        if self.state is C_CLOSED or transport is None:
+            return
+        if ctx is None:
+            self.close("TLS handshake failed: no certificate (see at=client_tls_failed)")
+            return
         reader = TLSReader(self)
         timeout = self.proxy.settings.client_login_timeout
         try:

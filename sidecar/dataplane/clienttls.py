@@ -15,11 +15,14 @@ same certificate.
 `cryptography` is never loaded into the sidecar itself: its Rust core holds about 11 MiB of
 RSS for the process's life (a fifth of the 10,000-idle-clients budget) for a certificate made
 once. A short-lived child Python makes it (generate_certificate), and the start-up line reads
-the certificate with the ssl module (describe).
+the certificate with the ssl module (describe). A single-process sidecar makes it while it
+already listens (generate_client_tls, from Proxy.start): an SSLRequest that comes first waits
+for it, so start-up does not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import json
@@ -87,24 +90,61 @@ def load_client_tls(settings: Settings) -> ClientTLS | None:
     return ClientTLS(cert, key, "generated", time.perf_counter() - started)
 
 
+#: The child that makes the certificate: -I (nothing of the app's environment), -S (no site:
+#: our sys.path comes on its stdin, so it finds cryptography where we would and starts
+#: sooner), the script alone, not the sidecar package.
+_CHILD = (sys.executable, "-I", "-S", selfsigned.__file__)
+
+
 def generate_certificate() -> tuple[bytes, bytes]:
-    """selfsigned.make_certificate() in a child Python (-I: nothing of the app's environment;
-    -S: no site, our sys.path comes on its stdin, so it finds cryptography where we would
-    and starts sooner; the script alone, not the sidecar package), so that cryptography is
-    not loaded here; in this process if the child cannot run."""
+    """selfsigned.make_certificate() in a child Python, so that cryptography is not loaded
+    here; in this process if the child cannot run. (Blocking: for the shell, which makes the
+    workers' one certificate before they start.)"""
     try:
         proc = subprocess.run(
-            [sys.executable, "-I", "-S", selfsigned.__file__],
-            input=json.dumps(sys.path).encode(),
-            capture_output=True,
-            timeout=60,
-            check=True,
+            _CHILD, input=_child_input(), capture_output=True, timeout=60, check=True
         )
     except (OSError, subprocess.SubprocessError):
         return selfsigned.make_certificate()
-    cert, marker, key = proc.stdout.partition(b"-----BEGIN PRIVATE KEY-----")
+    return _child_output(proc.stdout) or selfsigned.make_certificate()
+
+
+async def generate_client_tls() -> ClientTLS:
+    """generate_certificate without blocking the loop: a single-process sidecar listens (and
+    serves clients in clear, and SSLRequests wait) while the child works, so the certificate
+    is not part of the time to ready."""
+    started = time.perf_counter()
+    pems: tuple[bytes, bytes] | None = None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *_CHILD,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(_child_input()), 60)
+        except BaseException:  # too slow, or the proxy stops (cancelled): no child left behind
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        pems = _child_output(out) if proc.returncode == 0 else None
+    except (OSError, TimeoutError, subprocess.SubprocessError):
+        pass
+    cert, key = pems or selfsigned.make_certificate()
+    return ClientTLS(cert, key, "generated", time.perf_counter() - started)
+
+
+def _child_input() -> bytes:
+    return json.dumps(sys.path).encode()
+
+
+def _child_output(out: bytes) -> tuple[bytes, bytes] | None:
+    """The certificate and key the child wrote, or None if it wrote something else."""
+    cert, marker, key = out.partition(b"-----BEGIN PRIVATE KEY-----")
     if not cert.startswith(b"-----BEGIN CERTIFICATE-----") or not marker:
-        return selfsigned.make_certificate()
+        return None
     return cert, marker + key
 
 

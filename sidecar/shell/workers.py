@@ -784,10 +784,11 @@ def make_proxy(settings: Settings, pools: Sequence[PoolConfig], count: int) -> P
     """Worker 0's proxy: exactly today's single proxy for one worker, else its share."""
     from .assemble import new_proxy
 
-    # Made (or read) once here: with several workers, the others get it from worker 0.
-    client_tls = load_client_tls(settings)
     if count <= 1:
-        return new_proxy(settings, pools, client_tls=client_tls)
+        # The proxy reads the user's pair, or makes the certificate once it listens.
+        return new_proxy(settings, pools)
+    # Made (or read) once here: the other workers get it from worker 0.
+    client_tls = load_client_tls(settings)
     log.set_worker(0)
     return new_proxy(
         share_settings(settings, 0, count),
