@@ -63,9 +63,8 @@ if TYPE_CHECKING:
 
 logger = log.get()
 
-_I = ord("I")
-_T = ord("T")
-_E = ord("E")
+# Module globals (a cached lookup in the compiled build), not m.X attribute reads.
+_I, _T, _E = m.TX_IDLE, m.TX_IN_BLOCK, m.TX_FAILED
 
 # Reported parameters a session cannot change: they may differ between instances (a minor
 # version upgrade rolling through a follower pool) and are never synced. (is_superuser

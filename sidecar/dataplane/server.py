@@ -41,9 +41,8 @@ if TYPE_CHECKING:
 
 logger = log.get()
 
-_Z = ord("Z")
-_S = ord("S")
-_I = ord("I")
+# Module globals (a cached lookup in the compiled build), not m.X attribute reads.
+_Z, _S, _I = m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.TX_IDLE
 
 
 def _unconnected(data: bytes) -> None:

@@ -53,8 +53,10 @@ TERMINATE = ord("X")
 PASSWORD_MESSAGE = ord("p")
 # The first body byte of Describe and Close: a prepared statement (b"P": a portal).
 TARGET_STATEMENT = ord("S")
-# ReadyForQuery's transaction status: idle (b"T": in a transaction block, b"E": failed one).
+# ReadyForQuery's transaction status: idle, in a transaction block, in a failed one.
 TX_IDLE = ord("I")
+TX_IN_BLOCK = ord("T")
+TX_FAILED = ord("E")
 
 # Authentication request codes (the int32 after an 'R').
 AUTH_OK = 0
