@@ -155,6 +155,9 @@ class Proxy:
         try:
             tls = await generate_client_tls()
             ctx = tls.context()
+        except asyncio.CancelledError:
+            made.set_result(None)  # the proxy stops: handshakes still waiting give up
+            raise
         except Exception as exc:  # cryptography missing or broken: no TLS for the apps
             logger.error("client_tls_failed", error=str(exc) or exc.__class__.__name__)
             self.client_tls_on = False
