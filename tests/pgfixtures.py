@@ -515,6 +515,13 @@ class ProxyProcess(TcpAddress):
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def show(self, what: str) -> list[dict[str, Any]]:
+        """SHOW <what> on the admin console, as dicts."""
+        with psycopg.connect(self.dsn(dbname="sidecar"), autocommit=True) as conn:
+            cur = conn.execute(f"SHOW {what}", prepare=False)
+            names = [d.name for d in cur.description or []]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Poll-connect to the TCP port until it accepts; fail early if the process dies."""
         deadline = time.monotonic() + timeout

@@ -276,11 +276,7 @@ def assert_pool_clean(proxy: ProxyProcess) -> None:
     """Once the fuzzed clients are gone, no server is left busy or lost to them."""
 
     def settled() -> dict[str, object] | None:
-        with psycopg.connect(proxy.dsn(dbname="sidecar"), autocommit=True) as conn:
-            cur = conn.execute("SHOW POOLS", prepare=False)
-            names = [d.name for d in cur.description or []]
-            pools = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-        [pool] = [p for p in pools if p["database"] == "appdb"]
+        [pool] = [p for p in proxy.show("POOLS") if p["database"] == "appdb"]
         # the bystander may hold one server at any moment
         ok = int(pool["cl_waiting"]) == 0 and int(pool["sv_active"]) <= 1
         return pool if ok else None

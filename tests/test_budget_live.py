@@ -44,15 +44,8 @@ def budget_env(**extra: str | int) -> dict[str, str | int]:
     return env
 
 
-def show_instances(proxy: ProxyProcess) -> list[dict[str, Any]]:
-    with psycopg.connect(proxy.dsn(dbname="sidecar"), autocommit=True) as conn:
-        cur = conn.execute("SHOW INSTANCES", prepare=False)
-        names = [d.name for d in cur.description or []]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-
 def instance_row(proxy: ProxyProcess, addr: str = "127.0.0.1") -> dict[str, Any]:
-    return next(r for r in show_instances(proxy) if r["addr"] == addr)
+    return next(r for r in proxy.show("INSTANCES") if r["addr"] == addr)
 
 
 @dataclass

@@ -67,13 +67,6 @@ def peer_certificate(host: str, port: int, ctx: ssl.SSLContext | None = None) ->
     return der
 
 
-def show_clients(proxy: ProxyProcess) -> list[dict[str, object]]:
-    with psycopg.connect(proxy.dsn(dbname="sidecar"), autocommit=True) as admin:
-        cur = admin.execute("SHOW CLIENTS", prepare=False)
-        names = [d.name for d in cur.description or []]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-
-
 def plaintext_refusal(proxy: ProxyProcess) -> dict[str, str]:
     """The one error a plaintext startup gets before any authentication."""
     with PgWire.connect(proxy.host, proxy.port) as wire:
@@ -103,7 +96,7 @@ def test_psycopg_require_prefer_and_plaintext(proxy: ProxyProcess) -> None:
             assert conn.pgconn.ssl_in_use is tls, sslmode
             if tls:
                 # the admin console sees it too (SHOW CLIENTS' tls column, as PgBouncer)
-                mine = [c for c in show_clients(proxy) if c["database"] == "appdb"]
+                mine = [c for c in proxy.show("CLIENTS") if c["database"] == "appdb"]
                 assert [str(c["tls"]).split("/")[0] for c in mine] == ["TLSv1.3"], mine
     assert "tls=true" in proxy.log_text()
 

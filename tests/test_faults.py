@@ -69,14 +69,6 @@ def app_backends(pg: PostgresServer) -> list[tuple[Any, ...]]:
     )
 
 
-def show(proxy: ProxyProcess, what: str) -> list[dict[str, Any]]:
-    """SHOW <what> on the admin console, as dicts."""
-    with psycopg.connect(proxy.dsn(dbname="sidecar"), autocommit=True) as conn:
-        cur = conn.execute(f"SHOW {what}", prepare=False)
-        names = [d.name for d in cur.description or []]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-
 def sqlstate_of(exc: BaseException) -> str:
     """The SQLSTATE the proxy sent, or "unclean: ..." when the connection just closed.
 
@@ -650,7 +642,7 @@ async def test_clients_killed_at_random_points(
     barrier = asyncio.Barrier(pool_size)
     pids = await asyncio.gather(*(hold(barrier) for _ in range(pool_size)))
     assert len(set(pids)) == pool_size
-    [pool] = [p for p in await asyncio.to_thread(show, proxy, "POOLS") if p["database"] == "appdb"]
+    [pool] = [p for p in await asyncio.to_thread(proxy.show, "POOLS") if p["database"] == "appdb"]
     assert pool["cl_waiting"] == 0 and pool["sv_active"] == 0, pool
     assert pool["sv_idle"] == pool_size, pool
     assert_no_tracebacks(proxy)

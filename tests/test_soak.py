@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import psycopg
 import pytest
 from pgfixtures import PostgresServer, ProxyFactory, ProxyProcess, poll_until
 from tcpproxy import rss_bytes
@@ -67,11 +66,8 @@ class Tally:
 
 
 def _pools(proxy: ProxyProcess) -> dict[str, Any]:
-    with psycopg.connect(proxy.dsn(dbname="sidecar"), autocommit=True) as conn:
-        cur = conn.execute("SHOW POOLS", prepare=False)
-        names = [d.name for d in cur.description or []]
-        [pool] = [dict(zip(names, r, strict=True)) for r in cur.fetchall() if r[0] == "appdb"]
-        return pool
+    [pool] = [p for p in proxy.show("POOLS") if p["database"] == "appdb"]
+    return pool
 
 
 async def test_soak(pg: PostgresServer, proxy_factory: ProxyFactory) -> None:
